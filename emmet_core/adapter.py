@@ -1,0 +1,147 @@
+"""Architecture adapter: the only place that knows module names and weight layouts.
+
+Each family is a :class:`ModelSpec` keyed by ``config.model_type``. Everything else in
+the library asks the adapter for "the edited projection of layer l", "the output of
+layer l", "the final norm", "the unembedding" and never spells a module path itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where the edit-relevant modules live in one model family."""
+
+    layers: str  # ModuleList of transformer blocks
+    mlp_out: str  # the edited matrix W: maps the MLP hidden k (d_k) to the residual (d)
+    final_norm: str  # applied to the last layer output before the unembedding
+    unembed: str  # hidden -> vocabulary logits
+    body: str  # the decoder without its head (returns last_hidden_state, normed)
+
+
+_GPT2 = ModelSpec("transformer.h", "mlp.c_proj", "transformer.ln_f", "lm_head", "transformer")
+_GPTJ = ModelSpec("transformer.h", "mlp.fc_out", "transformer.ln_f", "lm_head", "transformer")
+_NEOX = ModelSpec(
+    "gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "embed_out", "gpt_neox"
+)
+_LLAMA_LIKE = ModelSpec("model.layers", "mlp.down_proj", "model.norm", "lm_head", "model")
+
+SPECS: dict[str, ModelSpec] = {
+    "gpt2": _GPT2,
+    "gptj": _GPTJ,
+    "gpt_neox": _NEOX,
+    "llama": _LLAMA_LIKE,  # also SmolLM / SmolLM2
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "smollm3": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+}
+
+
+class ModelAdapter:
+    """Typed access to the edit-relevant parts of one loaded causal LM."""
+
+    def __init__(self, model: nn.Module) -> None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in SPECS:
+            raise UnsupportedModelError(
+                f"model family {model_type!r} is not supported; supported: "
+                f"{', '.join(sorted(SPECS))}. A new family needs its decoder layer list, "
+                "MLP output projection, final norm and unembedding registered in "
+                "emmet_core.adapter.SPECS"
+            )
+        self.model = model
+        self.model_type: str = model_type
+        self.spec = SPECS[model_type]
+        self.layers: nn.ModuleList = model.get_submodule(self.spec.layers)
+        self.num_layers = len(self.layers)
+
+    # -- modules ---------------------------------------------------------------------------
+    def check_layer(self, layer: int) -> None:
+        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise UnsupportedModelError(
+                f"layer {layer!r} is out of range: this model has layers 0..{self.num_layers - 1}"
+            )
+
+    def layer(self, layer: int) -> nn.Module:
+        self.check_layer(layer)
+        return self.layers[layer]
+
+    def mlp_out(self, layer: int) -> nn.Module:
+        return self.layer(layer).get_submodule(self.spec.mlp_out)
+
+    def mlp_out_name(self, layer: int) -> str:
+        return f"{self.spec.layers}.{layer}.{self.spec.mlp_out}"
+
+    @property
+    def body(self) -> nn.Module:
+        return self.model.get_submodule(self.spec.body)
+
+    @property
+    def unembed(self) -> nn.Module:
+        return self.model.get_submodule(self.spec.unembed)
+
+    # -- the edited matrix -----------------------------------------------------------------
+    def transposed(self, layer: int) -> bool:
+        """GPT-2's Conv1D stores its weight as (in, out); the layout comes from the class."""
+        return type(self.mlp_out(layer)).__name__ == "Conv1D"
+
+    def weight(self, layer: int) -> torch.Tensor:
+        """The stored parameter of W (in its own layout)."""
+        return self.mlp_out(layer).weight
+
+    def matrix(self, layer: int) -> torch.Tensor:
+        """W as a (d, d_k) matrix view: output = W k + b."""
+        weight = self.weight(layer)
+        return weight.T if self.transposed(layer) else weight
+
+    def key_size(self, layer: int) -> int:
+        return self.matrix(layer).shape[1]
+
+    def hidden_size(self) -> int:
+        return self.matrix(0).shape[0]
+
+    def add_delta(self, layer: int, delta: torch.Tensor) -> None:
+        """Add a (d, d_k) update to W in place, in the weight's dtype and layout."""
+        weight = self.weight(layer)
+        update = delta.T if self.transposed(layer) else delta
+        with torch.no_grad():
+            weight.add_(update.to(device=weight.device, dtype=weight.dtype))
+
+    def project(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        """W k + b for keys of shape (d_k, N), in float64: the current output of W."""
+        module = self.mlp_out(layer)
+        matrix = self.matrix(layer).detach().to(torch.float64)
+        out = matrix @ keys.to(matrix.device, torch.float64)
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            out = out + bias.detach().to(torch.float64)[:, None]
+        return out
+
+    # -- logits ----------------------------------------------------------------------------
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits from final (already normed) hidden states."""
+        logits = self.unembed(hidden)
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits.float()
+
+    def context_length(self) -> int | None:
+        config = self.model.config
+        for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None

@@ -1,0 +1,262 @@
+"""The Editor: apply ROME / MEMIT / EMMET edits to a loaded model, undo them exactly.
+
+Every ``apply`` validates all requests before touching a weight, snapshots the layers it
+will change, and restores that snapshot if anything fails, so an error always leaves
+the model bit-for-bit as it was. ``undo`` and ``reset`` copy saved tensors back; they
+never subtract a delta (which would not be exact in floating point).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import InvalidRequestError, NumericalError
+from .hparams import HParams, load_preset
+from .keys import compute_keys, layer_outputs
+from .models import LoadedModel
+from .probe import greedy_answer, score_targets
+from .request import EditRequest, check_conflicts
+from .solvers import emmet_update, memit_update, rome_update
+from .stats import layer_covariances
+from .templates import context_templates
+from .values import compute_values
+
+log = logging.getLogger(__name__)
+
+RequestLike = EditRequest | Mapping[str, str]
+
+
+@dataclass
+class LayerUpdate:
+    """What was solved at one layer: keys K (d_k, N), residuals R (d, N), update Δ (d, d_k)."""
+
+    layer: int
+    keys: torch.Tensor
+    residuals: torch.Tensor
+    delta: torch.Tensor
+
+    @property
+    def norm(self) -> float:
+        return float(self.delta.norm())
+
+
+@dataclass
+class EditResult:
+    algorithm: str
+    hparams: HParams
+    requests: list[EditRequest]
+    updates: list[LayerUpdate] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    value_loss_before: list[float] = field(default_factory=list)
+    value_loss_after: list[float] = field(default_factory=list)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({u.layer for u in self.updates})
+
+    @property
+    def norms(self) -> dict[int, float]:
+        """‖Δ‖_F per layer (summed over the updates of sequential ROME edits)."""
+        total: dict[int, torch.Tensor] = {}
+        for update in self.updates:
+            total[update.layer] = total.get(update.layer, 0) + update.delta
+        return {layer: float(delta.norm()) for layer, delta in sorted(total.items())}
+
+    def to_dict(self) -> dict:
+        return {
+            "algorithm": self.algorithm,
+            "layers": self.layers,
+            "requests": [vars(r) for r in self.requests],
+            "delta_norms": {str(k): v for k, v in self.norms.items()},
+            "seconds": self.seconds,
+            "value_loss_before": self.value_loss_before,
+            "value_loss_after": self.value_loss_after,
+            "hparams": self.hparams.to_dict(),
+        }
+
+
+@dataclass
+class _Applied:
+    result: EditResult
+    before: dict[int, torch.Tensor]  # the weights of the touched layers before this edit
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterable[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class Editor:
+    """Edits one loaded model. Not thread-safe: share a model across users only with a
+    lock around apply/evaluate/undo, or with one Editor per model copy."""
+
+    def __init__(self, loaded: LoadedModel, on_phase: Callable[[str], None] | None = None) -> None:
+        self.loaded = loaded
+        self.adapter = loaded.adapter
+        self.history: list[_Applied] = []
+        self._original: dict[int, torch.Tensor] = {}
+        self._covs: dict[tuple, torch.Tensor] = {}
+        self.on_phase = on_phase
+
+    # -- public API ------------------------------------------------------------------------
+    def hparams(self, algorithm: str, **overrides: object) -> HParams:
+        """The preset for this model and algorithm, with ``overrides`` applied."""
+        hp = load_preset(self.loaded.name, algorithm, self.adapter.num_layers)
+        return hp.replace(**{k: v for k, v in overrides.items() if v is not None}) if overrides else hp
+
+    def apply(
+        self, requests: Iterable[RequestLike], algorithm: str = "rome", hparams: HParams | None = None,
+        **overrides: object,
+    ) -> EditResult:
+        """Apply a batch of edits (ROME: one after the other) and return what was done."""
+        hp = hparams if hparams is not None else self.hparams(algorithm, **overrides)
+        for layer in hp.layers:
+            self.adapter.check_layer(layer)
+        timer = _Timer()
+        with timer.phase("prepare"):
+            batch = self.prepare(requests)
+        covs = self._covariances(hp, timer)
+        before = {layer: self.adapter.weight(layer).detach().clone() for layer in hp.layers}
+        result = EditResult(hp.algorithm, hp, batch)
+        try:
+            with timer.phase("total"):
+                if hp.algorithm == "rome":
+                    self._rome(batch, hp, covs, result, timer)
+                else:
+                    self._memit_emmet(batch, hp, covs, result, timer)
+            for layer in hp.layers:
+                if not torch.isfinite(self.adapter.weight(layer)).all():
+                    raise NumericalError(f"layer {layer} has NaN/Inf after the update (dtype overflow?)")
+        except BaseException:
+            self._restore(before)
+            raise
+        for layer, weight in before.items():
+            self._original.setdefault(layer, weight)
+        result.seconds = timer.seconds
+        self.history.append(_Applied(result, before))
+        return result
+
+    def prepare(self, requests: Iterable[RequestLike]) -> list[EditRequest]:
+        """Validate requests, fill in missing old objects with the model's own answer, and
+        refuse targets the model already gives."""
+        batch = [r if isinstance(r, EditRequest) else EditRequest(**r) for r in requests]
+        if not batch:
+            raise InvalidRequestError("no edit requests given")
+        check_conflicts(batch)
+        missing = [i for i, r in enumerate(batch) if r.target_true is None]
+        if missing:
+            answers = greedy_answer(self.loaded, [batch[i].text for i in missing])
+            for i, answer in zip(missing, answers):
+                batch[i] = batch[i].with_target_true(answer)
+        scores = score_targets(self.loaded, [r.text for r in batch], [r.target_new for r in batch])
+        for request, score in zip(batch, scores):
+            if score.greedy:
+                raise InvalidRequestError(
+                    f"the model already answers {request.target_new!r} to {request.text!r}"
+                )
+        return batch
+
+    def undo(self) -> EditResult:
+        """Revert the last ``apply`` exactly."""
+        if not self.history:
+            raise InvalidRequestError("nothing to undo")
+        applied = self.history.pop()
+        self._restore(applied.before)
+        return applied.result
+
+    def reset(self) -> None:
+        """Restore the original weights of every layer ever edited."""
+        self._restore(self._original)
+        self.history.clear()
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the (edited) model and tokenizer as a safetensors checkpoint."""
+        from safetensors.torch import save_model
+
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        self.loaded.model.config.save_pretrained(path)
+        save_model(self.loaded.model, str(path / "model.safetensors"), metadata={"format": "pt"})
+        self.loaded.tokenizer.save_pretrained(path)
+        return path
+
+    # -- internals -------------------------------------------------------------------------
+    def _phase(self, timer: _Timer, name: str):
+        if self.on_phase is not None:
+            self.on_phase(name)
+        return timer.phase(name)
+
+    def _restore(self, weights: dict[int, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for layer, weight in weights.items():
+                self.adapter.weight(layer).copy_(weight)
+
+    def _covariances(self, hp: HParams, timer: _Timer) -> dict[int, torch.Tensor]:
+        dtype = getattr(torch, hp.stats_dtype)
+        keys = {layer: (layer, hp.stats_corpus, hp.stats_tokens, hp.stats_dtype) for layer in hp.layers}
+        todo = [layer for layer, key in keys.items() if key not in self._covs]
+        if todo:
+            with self._phase(timer, "stats"):
+                found = layer_covariances(self.loaded, todo, hp.stats_corpus, hp.stats_tokens, dtype)
+            for layer, cov in found.items():
+                self._covs[keys[layer]] = cov.to(self.loaded.device)
+        return {layer: self._covs[key] for layer, key in keys.items()}
+
+    def _templates(self, hp: HParams, timer: _Timer) -> list[str]:
+        with self._phase(timer, "templates"):
+            return context_templates(self.loaded, [list(x) for x in hp.context_templates], seed=hp.seed)
+
+    def _rome(self, batch, hp: HParams, covs, result: EditResult, timer: _Timer) -> None:
+        (layer,) = hp.layers
+        templates = self._templates(hp, timer)
+        for request in batch:
+            with self._phase(timer, "keys"):
+                key, plain = compute_keys(self.loaded, [request], templates, layer, mode="mean")
+            with self._phase(timer, "values"):
+                values = compute_values(self.loaded, [request], templates, layer, "mlp", hp.values)
+            with self._phase(timer, "solve"):
+                constraint = plain[:, 0] if hp.rome_variant == "original" else None
+                current = self.adapter.project(layer, (plain if constraint is not None else key))[:, 0]
+                residual = values.values[0].to(torch.float64).to(current.device) - current
+                delta = rome_update(residual, key[:, 0], covs[layer], constraint_key=constraint)
+                self.adapter.add_delta(layer, delta)
+            result.updates.append(LayerUpdate(layer, key.cpu(), residual[:, None].cpu(), delta.float().cpu()))
+            result.value_loss_before += values.loss_before.tolist()
+            result.value_loss_after += values.loss_after.tolist()
+
+    def _memit_emmet(self, batch, hp: HParams, covs, result: EditResult, timer: _Timer) -> None:
+        templates = self._templates(hp, timer)
+        z_layer = hp.layers[-1]
+        with self._phase(timer, "values"):
+            values = compute_values(self.loaded, batch, templates, z_layer, "residual", hp.values)
+        targets = values.values.T.to(torch.float64)  # (d, N)
+        result.value_loss_before = values.loss_before.tolist()
+        result.value_loss_after = values.loss_after.tolist()
+        for i, layer in enumerate(hp.layers):
+            with self._phase(timer, "keys"):
+                keys, _ = compute_keys(self.loaded, batch, templates, layer, mode="half")
+                current = layer_outputs(self.loaded, batch, z_layer).to(torch.float64)
+            with self._phase(timer, "solve"):
+                residuals = (targets.to(current.device) - current) / (len(hp.layers) - i)
+                if hp.algorithm == "memit":
+                    delta = memit_update(residuals, keys, covs[layer], hp.mom2_update_weight)
+                else:
+                    ridge = hp.ridge if (len(batch) > 1 or hp.ridge_single) else 0.0
+                    delta = emmet_update(residuals, keys, covs[layer], ridge)
+                self.adapter.add_delta(layer, delta)
+            result.updates.append(LayerUpdate(layer, keys.cpu(), residuals.cpu(), delta.float().cpu()))

