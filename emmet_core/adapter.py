@@ -22,16 +22,15 @@ class ModelSpec:
     layers: str  # ModuleList of transformer blocks
     mlp_out: str  # the edited matrix W: maps the MLP hidden k (d_k) to the residual (d)
     final_norm: str  # applied to the last layer output before the unembedding
-    unembed: str  # hidden -> vocabulary logits
     body: str  # the decoder without its head (returns last_hidden_state, normed)
+    # The unembedding is asked of the model (get_output_embeddings): its name changed
+    # across transformers versions (GPT-NeoX: embed_out -> lm_head).
 
 
-_GPT2 = ModelSpec("transformer.h", "mlp.c_proj", "transformer.ln_f", "lm_head", "transformer")
-_GPTJ = ModelSpec("transformer.h", "mlp.fc_out", "transformer.ln_f", "lm_head", "transformer")
-_NEOX = ModelSpec(
-    "gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "embed_out", "gpt_neox"
-)
-_LLAMA_LIKE = ModelSpec("model.layers", "mlp.down_proj", "model.norm", "lm_head", "model")
+_GPT2 = ModelSpec("transformer.h", "mlp.c_proj", "transformer.ln_f", "transformer")
+_GPTJ = ModelSpec("transformer.h", "mlp.fc_out", "transformer.ln_f", "transformer")
+_NEOX = ModelSpec("gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "gpt_neox")
+_LLAMA_LIKE = ModelSpec("model.layers", "mlp.down_proj", "model.norm", "model")
 
 SPECS: dict[str, ModelSpec] = {
     "gpt2": _GPT2,
@@ -89,8 +88,12 @@ class ModelAdapter:
         return self.model.get_submodule(self.spec.body)
 
     @property
+    def final_norm(self) -> nn.Module:
+        return self.model.get_submodule(self.spec.final_norm)
+
+    @property
     def unembed(self) -> nn.Module:
-        return self.model.get_submodule(self.spec.unembed)
+        return self.model.get_output_embeddings()
 
     # -- the edited matrix -----------------------------------------------------------------
     def transposed(self, layer: int) -> bool:

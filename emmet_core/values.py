@@ -42,8 +42,9 @@ class ValueResult:
     values: torch.Tensor  # (N, d) v* = v_init + δ
     v_init: torch.Tensor  # (N, d)
     loss_before: torch.Tensor  # (N,) target NLL at δ = 0
-    loss_after: torch.Tensor  # (N,) total loss at the end
-    steps: int
+    nll_after: torch.Tensor  # (N,) target NLL at the final δ
+    loss_after: torch.Tensor  # (N,) total loss (NLL + KL + decay) at the final δ
+    steps: int  # optimiser updates made
 
 
 @dataclass
@@ -176,15 +177,14 @@ def compute_values(
     active = torch.ones(n, dtype=torch.bool, device=delta.device)
     replay = reuse_lower_layers(adapter.layers, upto, low[0]) if upto > 0 else nullcontext()
     all_rows = torch.arange(len(batch.fact), device=delta.device)
-    steps = 0
     with replay, add_at_positions(module, all_rows, torch.zeros_like(all_rows), lambda: delta[batch.fact]):
-        for steps in range(1, config.steps + 1):
+        for steps in range(config.steps + 1):  # the last pass only scores the final δ
             nll, kl, _ = _losses(loaded, batch, n, cache, kl_init)
             decay = config.weight_decay * delta.norm(dim=1) / v_init.norm(dim=1) ** 2
             loss = nll + config.kl_factor * kl + decay
             active &= loss.detach() >= config.stop_loss
             log.debug("step %d loss %s", steps, loss.detach().tolist())
-            if not active.any():
+            if steps == config.steps or not active.any():
                 break
             frozen = delta.detach().clone()
             optimizer.zero_grad()
@@ -194,5 +194,5 @@ def compute_values(
                 delta[~active] = frozen[~active]
                 scale = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
                 delta.mul_(scale[:, None])
-    return ValueResult(v_init + delta.detach(), v_init, nll0.detach(), loss.detach(), steps)
+    return ValueResult(v_init + delta.detach(), v_init, nll0.detach(), nll.detach(), loss.detach(), steps)
 

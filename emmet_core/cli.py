@@ -1,0 +1,190 @@
+"""``emmet``: a thin command line over the library.
+
+    emmet edit --model smollm2-135m --algo rome --prompt "The mother tongue of {} is" \\
+        --subject "Danielle Darrieux" --target English --json
+    emmet stats --model smollm2-135m --layers 4 --tokens 100000
+
+Progress goes to stderr; bad input exits with status 2 and one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+
+from .errors import EditError
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """"4", "3,4,5", "3-5" or "3 4 5" -> (3, 4, 5)."""
+    if not text:
+        return None
+    layers: list[int] = []
+    try:
+        for part in text.replace(",", " ").split():
+            if "-" in part.strip("-"):
+                low, high = part.split("-")
+                layers.extend(range(int(low), int(high) + 1))
+            else:
+                layers.append(int(part))
+    except ValueError:
+        raise EditError(f"cannot read layers {text!r}; use e.g. 4, 3,4,5 or 3-5") from None
+    return tuple(layers)
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded with every result."""
+    import importlib.metadata as md
+
+    found = {"python": platform.python_version()}
+    for name in ("emmet-studio", "torch", "transformers", "safetensors", "gguf"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="offline alias, hub id or local directory")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1...")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--corpus", default=None, help="covariance corpus: wiki-offline, a file, or hf:NAME")
+    parser.add_argument("--tokens", type=int, default=None, help="covariance token budget")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emmet", description="Edit facts in language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    edit = sub.add_parser("edit", help="apply one edit (or a JSON file of edits) and report its effect")
+    _model_args(edit)
+    edit.add_argument("--algo", default="rome", help="rome, memit or emmet")
+    edit.add_argument("--prompt", help='relation prompt with {} for the subject, or containing it')
+    edit.add_argument("--subject")
+    edit.add_argument("--target", help="the new object")
+    edit.add_argument("--target-true", help="the old object (default: the model's greedy answer)")
+    edit.add_argument("--requests", help="JSON list of {prompt, subject, target_new[, target_true]}")
+    edit.add_argument("--layers", help="layers to edit, e.g. 4 or 3-5 (default: the preset's)")
+    edit.add_argument("--seed", type=int, default=None, help="seed for context templates")
+    edit.add_argument("--steps", type=int, default=None, help="value optimisation steps")
+    edit.add_argument("--save", help="write the edited model to this directory")
+    edit.add_argument("--json", action="store_true", help="print one JSON object")
+
+    stats = sub.add_parser("stats", help="precompute the covariance statistics C0")
+    _model_args(stats)
+    stats.add_argument("--layers", required=True, help="layers, e.g. 4 or 3-5")
+    stats.add_argument("--dtype-stats", default="float64", choices=["float32", "float64"])
+    return parser
+
+
+def _requests(args: argparse.Namespace) -> list[dict]:
+    if args.requests:
+        try:
+            with open(args.requests, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EditError(f"cannot read --requests {args.requests}: {exc}") from None
+        if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
+            raise EditError("--requests must hold a JSON list of objects")
+        return data
+    missing = [name for name in ("prompt", "subject", "target") if getattr(args, name) in (None, "")]
+    if missing:
+        raise EditError(f"missing --{', --'.join(missing)} (or give --requests FILE)")
+    return [{"prompt": args.prompt, "subject": args.subject, "target_new": args.target,
+             "target_true": args.target_true}]
+
+
+def cmd_edit(args: argparse.Namespace) -> dict:
+    from .editor import Editor
+    from .models import load_model
+    from .probe import generate, score_targets
+
+    started = time.perf_counter()
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    load_seconds = time.perf_counter() - started
+    editor = Editor(loaded, on_phase=lambda phase: print(f"[emmet] {phase}", file=sys.stderr))
+    hp = editor.hparams(args.algo, layers=parse_layers(args.layers), seed=args.seed,
+                        v_num_grad_steps=args.steps, stats_corpus=args.corpus, stats_tokens=args.tokens)
+    batch = editor.prepare(_requests(args))
+    prompts = [r.text for r in batch]
+
+    def probe() -> list[dict]:
+        new = score_targets(loaded, prompts, [r.target_new for r in batch])
+        true = score_targets(loaded, prompts, [r.target_true for r in batch])
+        return [{"p_new": a.prob, "p_true": b.prob} for a, b in zip(new, true)]
+
+    before, gen_before = probe(), generate(loaded, prompts)
+    result = editor.apply(batch, hparams=hp)
+    after, gen_after = probe(), generate(loaded, prompts)
+    if args.save:
+        editor.save_pretrained(args.save)
+    edits = [
+        {"prompt": r.text, "subject": r.subject, "target_new": r.target_new, "target_true": r.target_true,
+         "before": b, "after": a, "generation_before": gb, "generation_after": ga}
+        for r, b, a, gb, ga in zip(batch, before, after, gen_before, gen_after)
+    ]
+    phases = {k: v for k, v in result.seconds.items() if k != "total"}
+    seconds = {"load": load_seconds, **phases, "edit": result.seconds["total"],
+               "total": time.perf_counter() - started}
+    report = {"model": args.model, "model_fingerprint": loaded.fingerprint, "algorithm": hp.algorithm,
+              "layers": list(hp.layers), **{k: v for k, v in edits[0].items() if k != "prompt"},
+              "prompt": edits[0]["prompt"], "edits": edits, "delta_norms": result.to_dict()["delta_norms"],
+              "seconds": seconds, "hparams": hp.to_dict(), "device": str(loaded.device), "versions": versions()}
+    return report
+
+
+def _print_edit(report: dict) -> None:
+    for edit in report["edits"]:
+        b, a = edit["before"], edit["after"]
+        print(f"{edit['prompt']!r}: {edit['target_true']!r} -> {edit['target_new']!r}")
+        print(f"  P(new)  {b['p_new']:.4f} -> {a['p_new']:.4f}")
+        print(f"  P(true) {b['p_true']:.4f} -> {a['p_true']:.4f}")
+        print(f"  before: {edit['generation_before'].strip()!r}")
+        print(f"  after:  {edit['generation_after'].strip()!r}")
+    norms = ", ".join(f"L{k}: {v:.3g}" for k, v in report["delta_norms"].items())
+    phases = ", ".join(f"{k} {v:.2f}s" for k, v in report["seconds"].items())
+    print(f"{report['algorithm'].upper()} on layers {report['layers']}; ‖Δ‖ {norms}\n  {phases}")
+
+
+def cmd_stats(args: argparse.Namespace) -> dict:
+    import torch
+
+    from .models import load_model
+    from .stats import DEFAULT_CORPUS, layer_covariances
+
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    layers = parse_layers(args.layers) or ()
+    corpus, tokens = args.corpus or DEFAULT_CORPUS, args.tokens or 100_000
+    started = time.perf_counter()
+    covs = layer_covariances(loaded, list(layers), corpus, tokens, getattr(torch, args.dtype_stats))
+    seconds = time.perf_counter() - started
+    for layer, cov in covs.items():
+        print(f"layer {layer}: C0 {tuple(cov.shape)}, trace {float(cov.trace()):.4g}")
+    print(f"{len(covs)} layer(s), {tokens} tokens of {corpus}, {seconds:.1f}s")
+    return {"layers": list(covs), "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="[emmet] %(levelname)s %(message)s")
+    try:
+        if args.command == "edit":
+            report = cmd_edit(args)
+            print(json.dumps(report, indent=2)) if args.json else _print_edit(report)
+        else:
+            cmd_stats(args)
+    except EditError as exc:
+        print(f"emmet: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
