@@ -26,3 +26,11 @@ class NumericalError(EditError):
 
 class StatsCacheError(EditError):
     """A covariance cache file is corrupt or does not match what was asked for."""
+
+
+def require_finite(tensor, what: str) -> None:
+    """Raise :class:`NumericalError` if ``tensor`` holds NaN or Inf."""
+    import torch
+
+    if not bool(torch.isfinite(tensor).all()):
+        raise NumericalError(f"{what} contains NaN or Inf")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 
+from .errors import require_finite
 from .hooks import capture_inputs, capture_output, hidden_of, run_until
 from .models import LoadedModel
 from .request import EditRequest, fill
@@ -75,6 +76,7 @@ def compute_keys(
     rows, positions = subject_rows(loaded, requests, templates)
     module = loaded.adapter.mlp_out(layer)
     keys = _gather(loaded, rows, positions, _inputs, module, batch_size)
+    require_finite(keys, f"the keys at layer {layer}")
     keys = keys.view(len(requests), len(templates), -1)
     plain = keys[:, 0]
     if mode == "mean" or len(templates) == 1:

@@ -12,38 +12,35 @@ import warnings
 
 import torch
 
-from .errors import NumericalError
+from .errors import NumericalError, require_finite
 
 
 def _f64(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.detach().to(torch.float64) for t in tensors]
 
 
-def _check_finite(name: str, tensor: torch.Tensor) -> None:
-    if not torch.isfinite(tensor).all():
-        raise NumericalError(f"{name} contains NaN or Inf")
-
-
 def solve_spd(matrix: torch.Tensor, rhs: torch.Tensor, name: str) -> torch.Tensor:
     """Solve ``matrix @ x = rhs`` for a symmetric positive (semi)definite matrix.
 
-    Cholesky first; if the matrix is not positive definite, an LU solve; if it is
-    singular, refuse. A pseudo-inverse is never used silently: callers that want one
-    must regularise (ridge) instead.
+    Cholesky first. If that fails, the matrix is numerically singular or indefinite:
+    a singular one is refused (regularise with a ridge or more covariance tokens instead
+    of a silent pseudo-inverse); a merely indefinite one is solved by LU with a warning.
     """
-    _check_finite(name, matrix)
-    _check_finite(f"right-hand side for {name}", rhs)
+    require_finite(matrix, name)
+    require_finite(rhs, f"right-hand side for {name}")
     factor, info = torch.linalg.cholesky_ex(matrix)
     if int(info) == 0:
         return torch.cholesky_solve(rhs, factor)
-    solution, info = torch.linalg.solve_ex(matrix, rhs)
-    if int(info) != 0 or not torch.isfinite(solution).all():
+    eigenvalues = torch.linalg.eigvalsh(matrix).abs()
+    tolerance = eigenvalues.max() * matrix.shape[0] * torch.finfo(matrix.dtype).eps * 1e3
+    rank = int((eigenvalues > tolerance).sum())
+    if rank < matrix.shape[0]:
         raise NumericalError(
-            f"{name} is singular (rank {int(torch.linalg.matrix_rank(matrix))} of "
-            f"{matrix.shape[0]}); add a ridge or use more covariance tokens"
+            f"{name} is singular (numerical rank {rank} of {matrix.shape[0]}); "
+            "add a ridge or use more covariance tokens"
         )
     warnings.warn(f"{name} is not positive definite; used an LU solve", stacklevel=3)
-    return solution
+    return torch.linalg.solve(matrix, rhs)
 
 
 def rome_update(
@@ -66,7 +63,7 @@ def rome_update(
     if not torch.isfinite(denominator) or denominator.abs() < 1e-12:
         raise NumericalError(f"ROME denominator kᵀC⁻¹k = {float(denominator):.3g} is degenerate")
     update = torch.outer(residual, direction) / denominator
-    _check_finite("ROME update", update)
+    require_finite(update, "ROME update")
     return update
 
 
@@ -85,7 +82,7 @@ def emmet_update(
     # Δ = R A⁻¹ (C⁻¹K)ᵀ with A symmetric: solve A X = Rᵀ, then Δ = Xᵀ (C⁻¹K)ᵀ.
     coeffs = solve_spd(gram, residuals.T, "Kᵀ C⁻¹ K + ρI")  # (N, d)
     update = coeffs.T @ cinv_k.T
-    _check_finite("EMMET update", update)
+    require_finite(update, "EMMET update")
     return update
 
 
@@ -101,5 +98,5 @@ def memit_update(
     system = 0.5 * (system + system.T)
     # Δ A = R Kᵀ with A symmetric  <=>  A Δᵀ = K Rᵀ.
     update = solve_spd(system, keys @ residuals.T, "λ C0 + K Kᵀ").T
-    _check_finite("MEMIT update", update)
+    require_finite(update, "MEMIT update")
     return update

@@ -13,6 +13,7 @@ import json
 
 import torch
 
+from .errors import require_finite
 from .models import LoadedModel, cache_dir
 
 STARTERS = ("The", "Therefore", "Because", "I", "You")
@@ -60,6 +61,7 @@ def _sample(
     start = ids.shape[1]
     for _ in range(length):
         logits = model(input_ids=ids, use_cache=False).logits[:, -1, :].float().cpu()
+        require_finite(logits, "the model's next-token logits")
         top_logits, top_ids = logits.topk(top_k, dim=-1)
         choice = torch.multinomial(top_logits.softmax(-1), 1, generator=generator)
         ids = torch.cat([ids, top_ids.gather(1, choice).to(ids.device)], dim=1)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import require_finite
 from .hooks import add_at_positions, capture_output, hidden_of, reuse_lower_layers
 from .models import LoadedModel
 from .request import EditRequest, fill
@@ -171,6 +172,8 @@ def compute_values(
             nll0, _, kl_init = _losses(loaded, batch, n, cache, None)
         plain = torch.arange(n, device=batch.fact.device) * len(templates)  # template 0 rows
         v_init = hidden_of(site_out[0])[plain, 0].float()
+        require_finite(v_init, f"the activations at layer {layer}")
+        require_finite(nll0, "the target loss")
     delta = torch.zeros_like(v_init, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=config.lr)
     max_norm = config.clamp * v_init.norm(dim=1)

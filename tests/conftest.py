@@ -122,7 +122,11 @@ def weights_of(model) -> dict[str, torch.Tensor]:
 
 
 def same_weights(model, saved: dict[str, torch.Tensor]) -> bool:
-    return all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    """Bit-for-bit equality (NaN == NaN when the bits agree)."""
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().contiguous().view(torch.uint8)
+
+    return all(torch.equal(bits(v), bits(saved[k])) for k, v in model.state_dict().items())
 
 
 @pytest.fixture(scope="session")
