@@ -1,12 +1,16 @@
-"""Layer sweep that chose the shipped presets for models without reference values.
+"""Sweep that chose the shipped presets for models without reference values.
 
-For each candidate layer, ROME edits each of the first N CounterFact *train* records
-(one at a time, weights restored between records) and scores the rewrite prompt (ES),
-its paraphrase (PS) and the neighbourhood prompt (NS) as REFERENCE §7 defines them:
-new-vs-true comparisons of the whole target string's probability. S is their harmonic
-mean. Writes bench/results/sweep-<model>.json.
+For each candidate (a layer, or a value of one hyper-parameter with the layers fixed),
+the algorithm edits each of the first N CounterFact *train* records on its own (weights
+restored between records) and scores the rewrite prompt (ES), its paraphrase (PS) and
+the neighbourhood prompt (NS) as REFERENCE §7 defines them: is the new object more
+likely than the true one (mean per-token NLL)? S is their harmonic mean.
 
-    python bench/sweep_layers.py --model smollm2-135m --layers 0-14 --n 20
+    python bench/sweep_layers.py --model smollm2-135m --algo rome --layers 1,3,5,7 --n 12
+    python bench/sweep_layers.py --model smollm2-135m --algo memit --window 4-8 \
+        --param mom2_update_weight --values 500,1500,5000,15000 --n 12
+
+Writes bench/results/sweep-<model>-<algo>[-<param>].json.
 """
 
 from __future__ import annotations
@@ -33,15 +37,18 @@ def scores(loaded, record: dict) -> tuple[bool, bool, bool]:
     new = score_targets(loaded, prompts, [record["target_new"]] * 3)
     true = score_targets(loaded, prompts, [record["ground_truth"], record["ground_truth"],
                                            record["locality_ground_truth"]])
-    es, ps, ns = (n.mean_nll < t.mean_nll for n, t in zip(new[:2] + new[2:], true))
-    return es, ps, not ns
+    es, ps, neighbour_moved = (n.mean_nll < t.mean_nll for n, t in zip(new, true))
+    return es, ps, not neighbour_moved
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--algo", default="rome")
-    parser.add_argument("--layers", default="0-14")
+    parser.add_argument("--layers", default="0-14", help="one candidate per layer")
+    parser.add_argument("--window", help="fixed layers (e.g. 4-8) when sweeping --param")
+    parser.add_argument("--param", help="hyper-parameter to sweep with --window")
+    parser.add_argument("--values", help="comma-separated values of --param")
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--data", default=str(DATA))
     args = parser.parse_args()
@@ -50,8 +57,14 @@ def main() -> None:
     records = json.loads(Path(args.data).read_text())[: args.n]
     pre = [scores(loaded, r) for r in records]
     rows = []
-    for layer in parse_layers(args.layers):
-        hp = editor.hparams(args.algo, layers=(layer,))
+    if args.param:
+        window = parse_layers(args.window) or editor.hparams(args.algo).layers
+        values = [int(v) if v.strip().lstrip("-").isdigit() else float(v) for v in args.values.split(",")]
+        candidates = [(args.param, v, editor.hparams(args.algo, layers=window, **{args.param: v})) for v in values]
+    else:
+        candidates = [("layer", layer, editor.hparams(args.algo, layers=(layer,)))
+                      for layer in parse_layers(args.layers)]
+    for name, value, hp in candidates:
         post, times, norms = [], [], []
         for record in records:
             request = {"prompt": record["prompt"], "subject": record["subject"],
@@ -63,19 +76,20 @@ def main() -> None:
             post.append(scores(loaded, record))
             editor.undo()
         es, ps, ns = (100 * statistics.mean(x[i] for x in post) for i in range(3))
-        row = {"layer": layer, "ES": es, "PS": ps, "NS": ns, "S": harmonic(es, ps, ns),
+        row = {name: value, "layers": list(hp.layers), "ES": es, "PS": ps, "NS": ns, "S": harmonic(es, ps, ns),
                "median_seconds": statistics.median(times), "mean_delta_norm": statistics.mean(norms)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     es, ps, ns = (100 * statistics.mean(x[i] for x in pre) for i in range(3))
     out = {"model": args.model, "fingerprint": loaded.fingerprint, "algorithm": args.algo, "n": args.n,
            "data": Path(args.data).name, "pre": {"ES": es, "PS": ps, "NS": ns, "S": harmonic(es, ps, ns)},
-           "rows": rows, "best_layer": max(rows, key=lambda r: r["S"])["layer"],
+           "rows": rows, "best": max(rows, key=lambda r: r["S"]),
            "hparams": editor.hparams(args.algo).to_dict(), "versions": versions()}
-    path = ROOT / "bench" / "results" / f"sweep-{args.model}-{args.algo}.json"
+    suffix = f"-{args.param}" if args.param else ""
+    path = ROOT / "bench" / "results" / f"sweep-{args.model}-{args.algo}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
-    print(f"best layer {out['best_layer']}; wrote {path}")
+    print(f"best {out['best']}; wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,109 @@
+"""Covariance statistics: exact against a direct computation, only the needed layers
+run, corpora of every kind, and a cache that refuses corrupt or mismatched files."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import tiny
+
+from emmet_core.errors import StatsCacheError
+from emmet_core.hooks import capture_inputs
+from emmet_core.stats import _cache_path, _sequences, compute_covariances, corpus_texts, layer_covariances
+
+
+def test_covariance_matches_direct_computation(tokenizers, corpus_file):
+    loaded = tiny("gpt2", tokenizers)
+    covs, seen = compute_covariances(loaded, [1, 2], str(corpus_file), n_tokens=700, seq_len=64,
+                                     batch_size=3, progress=False)
+    assert seen == 700
+    keys = {1: [], 2: []}
+    for sequence in _sequences(loaded, str(corpus_file), 700, 64):
+        modules = {layer: loaded.adapter.mlp_out(layer) for layer in (1, 2)}
+        with torch.no_grad(), capture_inputs(modules) as captured:
+            loaded.model(input_ids=torch.tensor([sequence]))
+        for layer in (1, 2):
+            keys[layer].append(captured[layer][0].double())
+    for layer in (1, 2):
+        k = torch.cat(keys[layer])
+        assert k.shape[0] == 700
+        assert torch.allclose(covs[layer], k.T @ k / 700, rtol=1e-6, atol=1e-9)
+
+
+def test_sequences_are_full_length_with_bos(tokenizers, corpus_file):
+    loaded = tiny("llama", tokenizers)  # SentencePiece tokenizer that adds <s>
+    sequences = list(_sequences(loaded, str(corpus_file), 1000, 50))
+    bos = tokenizers["sp"].bos_token_id
+    assert all(s[0] == bos for s in sequences)
+    assert all(len(s) == 50 for s in sequences[:-1]) and sum(map(len, sequences)) == 1000
+
+
+def test_only_layers_up_to_the_deepest_run(tokenizers, corpus_file):
+    loaded = tiny("llama", tokenizers)
+    calls = []
+    handle = loaded.adapter.layer(3).register_forward_hook(lambda *a: calls.append(1))
+    try:
+        compute_covariances(loaded, [1], str(corpus_file), n_tokens=300, progress=False)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_cache_is_reused_and_corruption_detected(tokenizers, corpus_file, isolated_cache, caplog):
+    loaded = tiny("llama", tokenizers)
+    first = layer_covariances(loaded, [1, 2], str(corpus_file), n_tokens=500, progress=False)
+    path = _cache_path(loaded, 1, str(corpus_file), 500, torch.float64)
+    assert path.is_file()
+    again = layer_covariances(loaded, [1], str(corpus_file), n_tokens=500, progress=False)
+    assert torch.equal(again[1], first[1])
+
+    data = bytearray(path.read_bytes())  # flip one byte of the tensor payload
+    data[-9] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        repaired = layer_covariances(loaded, [1], str(corpus_file), n_tokens=500, progress=False)
+    assert "corrupt" in caplog.text
+    assert torch.equal(repaired[1], first[1])
+
+    path.write_bytes(b"not a safetensors file")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        layer_covariances(loaded, [1], str(corpus_file), n_tokens=500, progress=False)
+    assert "unreadable" in caplog.text
+
+    # A valid file for another layer, put where layer 1's should be: caught by metadata.
+    path.write_bytes(_cache_path(loaded, 2, str(corpus_file), 500, torch.float64).read_bytes())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        fixed = layer_covariances(loaded, [1], str(corpus_file), n_tokens=500, progress=False)
+    assert "made for something else" in caplog.text and torch.equal(fixed[1], first[1])
+
+
+def test_local_corpus_formats(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n"two"\n\n{"other": 1}\n')
+    (tmp_path / "b.json").write_text(json.dumps({"X": {"title": "X", "extract": "three"}}))
+    (tmp_path / "c.json").write_text(json.dumps([{"text": "four"}, "five"]))
+    (tmp_path / "d.txt").write_text("six\n\nseven")
+    assert list(corpus_texts(str(tmp_path / "a.jsonl"))) == ["one", "two"]
+    assert list(corpus_texts(str(tmp_path / "b.json"))) == ["three"]
+    assert list(corpus_texts(str(tmp_path / "c.json"))) == ["four", "five"]
+    assert list(corpus_texts(str(tmp_path / "d.txt"))) == ["six", "seven"]
+    with pytest.raises(StatsCacheError, match="unknown corpus"):
+        list(corpus_texts("no-such-corpus"))
+
+
+def test_hub_dataset_path_with_local_files(tmp_path):
+    """The `datasets` code path users take online, here on a local data folder."""
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(5)))
+    assert list(corpus_texts(f"hf:{folder}")) == [f"doc {i}" for i in range(5)]
+
+
+def test_default_offline_corpus_is_wikipedia():
+    texts = corpus_texts("wiki-offline")
+    first = [next(texts) for _ in range(3)]
+    assert all(len(t) > 50 for t in first)
