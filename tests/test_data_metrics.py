@@ -1,0 +1,100 @@
+"""Dataset loaders (both CounterFact layouts, zsRE, bad records) and the metrics on
+hand-made inputs with known answers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import SHARED_DATA
+
+from emmet_core.data import BadRecordError, load_dataset, parse_records
+from emmet_core.metrics import (
+    generation_entropy,
+    harmonic_mean,
+    kept,
+    magnitude,
+    ngram_entropy,
+    success,
+    token_accuracy,
+)
+
+ROME_RECORD = {
+    "case_id": 0,
+    "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+                          "target_new": {"str": "English", "id": "Q1860"}, "target_true": {"str": "French"}},
+    "paraphrase_prompts": ["Shayna does this. Danielle Darrieux spoke the language", "Danielle Darrieux speaks"],
+    "neighborhood_prompts": ["Michel Rocard is a native speaker of", "Jean Marais speaks"],
+    "attribute_prompts": ["J.R.R. Tolkien is a native speaker of"],
+    "generation_prompts": ["Danielle Darrieux's mother tongue is"],
+}
+
+
+def test_rome_layout():
+    (record,) = parse_records([ROME_RECORD], "cf").records
+    assert record.request.text == "The mother tongue of Danielle Darrieux is"
+    assert (record.request.target_new, record.request.target_true) == ("English", "French")
+    assert len(record.paraphrase_prompts) == 2 and record.neighborhood_targets == ["French", "French"]
+    assert record.generation_prompts == ["Danielle Darrieux's mother tongue is"]
+
+
+def test_mend_layout_from_shared_data():
+    data = load_dataset(str(SHARED_DATA / "counterfact" / "counterfact-edit.json"))
+    assert data.kind == "counterfact" and len(data.records) == 10_000 and not data.skipped
+    first = data.records[0]
+    assert first.request.subject == "Danielle Darrieux" and first.request.target_true == "French"
+    assert first.neighborhood_prompts == ["Michel Rocard is a native speaker of"]
+    # no generation prompts in this layout: derived from the rewrite and the paraphrase
+    assert first.generation_prompts == [first.request.text, first.paraphrase_prompts[0]]
+
+
+def test_zsre_layout_from_shared_data():
+    data = load_dataset(str(SHARED_DATA / "zsre" / "zsre_mend_eval.json"), skip_bad=True)
+    assert data.kind == "zsre" and len(data.records) + len(data.skipped) == 1037
+    first = data.records[0]
+    assert first.request.target_new == "2006" and first.neighborhood_targets == ["The String"]
+
+
+def test_bad_records_are_named_or_skipped(tmp_path):
+    good = {"case_id": 7, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+            "target_new": "English", "ground_truth": "French", "rephrase_prompt": "Darrieux speaks",
+            "locality_prompt": "Rocard speaks", "locality_ground_truth": "French"}
+    bad_subject = {**good, "case_id": 8, "subject": "Nobody"}
+    no_target = {**good, "case_id": 9, "target_new": ""}
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([good, bad_subject, no_target]))
+    with pytest.raises(BadRecordError, match=r"record 1 \(case_id 8\).*does not occur"):
+        load_dataset(str(path))
+    data = load_dataset(str(path), skip_bad=True)
+    assert [r.case_id for r in data.records] == [7] and [i for i, _ in data.skipped] == [1, 2]
+    assert "target_new" in data.skipped[1][1]
+
+
+def test_efficacy_neighbourhood_and_magnitude():
+    nll_new, nll_true = [0.1, 2.0, 1.0, 3.0], [1.0, 1.0, 2.0, 0.5]
+    assert success(nll_new, nll_true) == 0.5
+    assert kept(nll_new, nll_true) == 0.5
+    expected = sum(math.exp(-n) - math.exp(-t) for n, t in zip(nll_new, nll_true)) / 4
+    assert magnitude(nll_new, nll_true) == pytest.approx(expected)
+
+
+def test_ngram_entropy_known_values():
+    assert ngram_entropy("a b a b a", 2) == pytest.approx(1.0)  # (a,b) x2, (b,a) x2
+    assert ngram_entropy("x x x x", 2) == 0.0  # one bigram repeated
+    assert ngram_entropy("one two three four five", 3) == pytest.approx(math.log2(3))
+    assert ngram_entropy("", 2) == 0.0
+
+
+def test_generation_entropy_weights_and_repetition():
+    text = "one two three four five"
+    assert generation_entropy(text) == pytest.approx(math.log2(4) / 3 + 2 * math.log2(3) / 3)
+    fluent = "Paris is the capital of France and the largest city in the country, with museums."
+    assert generation_entropy(fluent) > generation_entropy("English English English English English")
+
+
+def test_score_and_token_accuracy():
+    assert harmonic_mean(1.0, 1.0, 1.0) == 1.0
+    assert harmonic_mean(1.0, 0.5, 0.25) == pytest.approx(3 / (1 + 2 + 4))
+    assert harmonic_mean(1.0, 0.0, 1.0) == 0.0
+    assert token_accuracy([1, 2, 3, 4], [1, 2, 0, 4]) == 0.75
