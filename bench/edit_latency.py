@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from emmet_core import Editor, load_model, score_targets
-from emmet_core.cli import versions
+from emmet_core.provenance import versions
 from emmet_core.stats import compute_covariances
 
 ROOT = Path(__file__).resolve().parent.parent

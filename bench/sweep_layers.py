@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from emmet_core import Editor, load_model, score_targets
-from emmet_core.cli import parse_layers, versions
+from emmet_core.cli import parse_layers
+from emmet_core.provenance import versions
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-train.json"

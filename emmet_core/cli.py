@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
 import time
+from pathlib import Path
 
 from .errors import EditError
+from .provenance import versions
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
@@ -34,19 +35,6 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
     except ValueError:
         raise EditError(f"cannot read layers {text!r}; use e.g. 4, 3,4,5 or 3-5") from None
     return tuple(layers)
-
-
-def versions() -> dict[str, str]:
-    """Library versions recorded with every result."""
-    import importlib.metadata as md
-
-    found = {"python": platform.python_version()}
-    for name in ("emmet-studio", "torch", "transformers", "safetensors", "gguf"):
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--steps", type=int, default=None, help="value optimisation steps")
     edit.add_argument("--save", help="write the edited model to this directory")
     edit.add_argument("--json", action="store_true", help="print one JSON object")
+
+    ev = sub.add_parser("eval", help="evaluate an algorithm on CounterFact or zsRE records")
+    _model_args(ev)
+    ev.add_argument("--algo", default="rome", help="rome, memit or emmet")
+    ev.add_argument("--data", help="dataset file (either CounterFact layout, or zsRE) or hf:NAME[:SPLIT]")
+    ev.add_argument("--n", type=int, default=None, help="number of records (default: all)")
+    ev.add_argument("--offset", type=int, default=0, help="skip the first K records")
+    ev.add_argument("--batch-size", type=int, default=1, help="records applied as one batch")
+    ev.add_argument("--sequential", action="store_true", help="never restore the weights between batches")
+    ev.add_argument("--generation-every", type=int, default=1, help="generation entropy on every G-th batch")
+    ev.add_argument("--gen-tokens", type=int, default=100, help="tokens generated per prompt for GE")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--layers", help="layers to edit (default: the preset's)")
+    ev.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records")
+    ev.add_argument("--out", help="output directory (summary.json, records.jsonl)")
+    ev.add_argument("--plot", nargs="+", metavar="DIR", help="instead: plot the summaries in these directories")
 
     stats = sub.add_parser("stats", help="precompute the covariance statistics C0")
     _model_args(stats)
@@ -170,6 +174,40 @@ def cmd_stats(args: argparse.Namespace) -> dict:
     return {"layers": list(covs), "seconds": seconds}
 
 
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from .data import load_dataset
+
+    if args.plot:
+        from .plots import plot_batch_sizes
+
+        paths = plot_batch_sizes([Path(p) for p in args.plot], Path(args.out or args.plot[0]))
+        for path in paths:
+            print(path)
+        return {}
+    if not args.data or not args.out:
+        raise EditError("emmet eval needs --data and --out (or --plot DIR...)")
+    from .editor import Editor
+    from .models import load_model
+    from .runner import EvalConfig, run_eval
+
+    dataset = load_dataset(args.data, skip_bad=args.skip_bad)
+    end = None if args.n is None else args.offset + args.n
+    dataset.records = dataset.records[args.offset : end]
+    if not dataset.records:
+        raise EditError(f"no records left after --offset {args.offset} --n {args.n}")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    overrides = {k: v for k, v in {"layers": parse_layers(args.layers), "stats_corpus": args.corpus,
+                                    "stats_tokens": args.tokens}.items() if v is not None}
+    config = EvalConfig(args.algo, args.batch_size, args.sequential, args.generation_every, args.gen_tokens,
+                        args.seed, overrides)
+    summary = run_eval(Editor(loaded), dataset, config, Path(args.out), args.model)
+    pre, post = summary["pre"], summary["post"]
+    for name in post:
+        print(f"{name:>3}  {pre.get(name, float('nan')):7.2f} -> {post[name]:7.2f}")
+    print(f"{summary['n']} records, {summary['seconds']:.0f}s; wrote {args.out}/summary.json")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
@@ -178,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "edit":
             report = cmd_edit(args)
             print(json.dumps(report, indent=2)) if args.json else _print_edit(report)
+        elif args.command == "eval":
+            cmd_eval(args)
         else:
             cmd_stats(args)
     except EditError as exc:

@@ -18,7 +18,12 @@ from .tokens import pad_rows, prompt_ids, target_ids
 class TargetScore:
     logprob: float  # log P(target | prompt): sum over the target's tokens
     n_tokens: int
-    greedy: bool  # every target token is the argmax: the model "says" the target now
+    hits: int  # target tokens that are the argmax under teacher forcing (zsRE accuracy)
+
+    @property
+    def greedy(self) -> bool:
+        """Every target token is the argmax: the model "says" the target now."""
+        return self.hits == self.n_tokens
 
     @property
     def prob(self) -> float:
@@ -48,23 +53,39 @@ def score_targets(
             logp = adapter.logits(hidden[i, start - 1 : start - 1 + len(t_ids)]).log_softmax(-1)
             wanted = torch.tensor(t_ids, device=logp.device)
             token_logp = logp.gather(1, wanted[:, None])[:, 0]
-            greedy = bool((logp.argmax(-1) == wanted).all())
-            scores.append(TargetScore(float(token_logp.sum()), len(t_ids), greedy))
+            hits = int((logp.argmax(-1) == wanted).sum())
+            scores.append(TargetScore(float(token_logp.sum()), len(t_ids), hits))
     return scores
 
 
 @torch.no_grad()
 def generate(
-    loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 30, batch_size: int = 16
+    loaded: LoadedModel,
+    prompts: list[str],
+    max_new_tokens: int = 30,
+    batch_size: int = 16,
+    top_k: int | None = None,
+    seed: int = 0,
 ) -> list[str]:
-    """Greedy continuations (deterministic, so before/after texts are comparable)."""
+    """Continuations: greedy by default (before/after texts are comparable), or top-k
+    sampling with ``seed`` (for generation entropy). Sampling runs inside
+    ``fork_rng`` so the seed neither depends on nor disturbs the global RNG."""
+    with torch.random.fork_rng(devices=[loaded.device] if loaded.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _generate(loaded, prompts, max_new_tokens, batch_size, top_k)
+
+
+def _generate(loaded: LoadedModel, prompts: list[str], max_new_tokens: int, batch_size: int,
+              top_k: int | None) -> list[str]:
     tok = loaded.tokenizer
     texts: list[str] = []
     for first in range(0, len(prompts), batch_size):
         chunk = [p.rstrip() for p in prompts[first : first + batch_size]]
         enc = tok(chunk, return_tensors="pt", padding=True, padding_side="left").to(loaded.device)
         out = loaded.model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+            **enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+            **({"do_sample": True, "top_k": top_k, "top_p": 1.0, "temperature": 1.0} if top_k else
+               {"do_sample": False, "top_k": None, "top_p": None, "temperature": None}),
         )
         texts.extend(tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
     return texts

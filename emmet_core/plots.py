@@ -1,0 +1,59 @@
+"""Figures of evaluation results (Plotly): metrics against batch size, EMMET vs MEMIT,
+in the style of the EMMET paper's Figure 3."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .errors import EditError
+
+log = logging.getLogger(__name__)
+
+PANELS = ("ES", "PS", "NS", "GE", "S")
+
+
+def load_summaries(directories: list[Path]) -> list[dict]:
+    summaries = []
+    for directory in directories:
+        path = directory / "summary.json" if directory.is_dir() else directory
+        if not path.is_file():
+            raise EditError(f"no summary.json in {directory}")
+        summaries.append(json.loads(path.read_text()))
+    return summaries
+
+
+def plot_batch_sizes(directories: list[Path], out: Path) -> list[Path]:
+    """One panel per metric, one line per algorithm, batch size on a log axis; the
+    unedited model's value as a dotted line. Writes HTML, and PNG if kaleido works."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    summaries = sorted(load_summaries(directories), key=lambda s: (s["algorithm"], s["batch_size"]))
+    fig = make_subplots(rows=1, cols=len(PANELS), subplot_titles=PANELS)
+    colours = {"emmet": "#d62728", "memit": "#1f77b4", "rome": "#2ca02c"}
+    for algorithm in sorted({s["algorithm"] for s in summaries}):
+        runs = [s for s in summaries if s["algorithm"] == algorithm]
+        for col, metric in enumerate(PANELS, start=1):
+            fig.add_trace(go.Scatter(
+                x=[s["batch_size"] for s in runs], y=[s["post"].get(metric) for s in runs],
+                mode="lines+markers", name=algorithm.upper(), legendgroup=algorithm, showlegend=col == 1,
+                line={"color": colours.get(algorithm)}), row=1, col=col)
+    for col, metric in enumerate(PANELS, start=1):
+        pre = [s["pre"][metric] for s in summaries if metric in s["pre"]]
+        if pre:
+            fig.add_hline(y=sum(pre) / len(pre), line_dash="dot", line_color="grey", row=1, col=col)
+        fig.update_xaxes(type="log", title_text="batch size", row=1, col=col)
+    model = summaries[0]["model"] if summaries else ""
+    fig.update_layout(title=f"Editing {model}: metrics against batch size (dotted: unedited)",
+                      height=380, width=1400, template="plotly_white")
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "batch_sizes.html"]
+    fig.write_html(written[0], include_plotlyjs=True)
+    try:
+        fig.write_image(out / "batch_sizes.png", scale=1)
+        written.append(out / "batch_sizes.png")
+    except Exception as exc:  # kaleido missing or without a browser: HTML only
+        log.warning("PNG export unavailable (%s); wrote HTML only", exc)
+    return written

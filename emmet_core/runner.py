@@ -1,0 +1,108 @@
+"""The evaluation runner behind ``emmet eval``: chunks of B records, each applied as one
+batch (ROME: fact by fact), evaluated before and after, then restored (never restored
+with ``sequential``). One JSON line per record in ``records.jsonl``; an interrupted run
+resumes from it. ``summary.json`` holds the averages and everything needed to
+reproduce them (model fingerprint, hyper-parameters, seed, versions).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .data import Dataset, EvalRecord
+from .editor import Editor
+from .errors import EditError
+from .evaluate import score_records, summarise
+from .provenance import versions
+
+
+@dataclass
+class EvalConfig:
+    algorithm: str
+    batch_size: int = 1
+    sequential: bool = False
+    generation_every: int = 1  # GE on every G-th chunk (generation is the slow part)
+    gen_tokens: int = 100
+    seed: int = 0
+    overrides: dict = field(default_factory=dict)  # hyper-parameter overrides
+
+
+def _done_ids(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by an interruption: redo that record
+            break
+    return lines
+
+
+def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, model_name: str,
+             progress: bool = True) -> dict:
+    """Run (or resume) the evaluation; return the summary also written to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    records_path = out / "records.jsonl"
+    done = _done_ids(records_path)
+    if done and done[0].get("config") != _config_key(config):
+        raise EditError(f"{records_path} was written with other settings; use a new --out directory")
+    records_path.write_text("".join(json.dumps(line) + "\n" for line in done), encoding="utf-8")
+    hp = editor.hparams(config.algorithm, seed=config.seed, **config.overrides)
+    chunks = [dataset.records[i : i + config.batch_size] for i in range(0, len(dataset.records), config.batch_size)]
+    started = time.perf_counter()
+    bar = tqdm(total=len(dataset.records), initial=len(done), unit="rec", desc=f"eval {config.algorithm}",
+               file=sys.stderr, disable=not progress)
+    with records_path.open("a", encoding="utf-8") as handle:
+        for index, chunk in enumerate(chunks):
+            first = index * config.batch_size
+            if first + len(chunk) <= len(done):
+                if config.sequential:  # replay the edits of finished chunks, without scoring
+                    _apply(editor, chunk, hp, config)
+                continue
+            generation = index % max(config.generation_every, 1) == 0
+            pre = score_records(editor.loaded, chunk, dataset.kind, generation, config.gen_tokens, config.seed)
+            result = _apply(editor, chunk, hp, config)
+            post = score_records(editor.loaded, chunk, dataset.kind, generation, config.gen_tokens, config.seed)
+            norms = result.norms if result else {}
+            for record, before, after in zip(chunk, pre, post):
+                line = {"case_id": record.case_id, "chunk": index, "pre": before, "post": after,
+                        "delta_norms": {str(k): v for k, v in norms.items()}, "config": _config_key(config)}
+                handle.write(json.dumps(line) + "\n")
+                done.append(line)
+            handle.flush()
+            if not config.sequential:
+                editor.reset()
+            bar.update(len(chunk))
+    bar.close()
+    summary = {
+        "model": model_name, "model_fingerprint": editor.loaded.fingerprint, "algorithm": config.algorithm,
+        "data": dataset.name, "n": len(done), "skipped": len(dataset.skipped), "batch_size": config.batch_size,
+        "sequential": config.sequential, "pre": summarise([d["pre"] for d in done]),
+        "post": summarise([d["post"] for d in done]), "seconds": time.perf_counter() - started,
+        "hparams": hp.to_dict(), "seed": config.seed, "eval_config": asdict(config), "versions": versions(),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
+def _apply(editor: Editor, chunk: list[EvalRecord], hp, config: EvalConfig):
+    requests = [r.request for r in chunk]
+    if config.algorithm == "rome":  # ROME edits one fact at a time
+        last = None
+        for request in requests:
+            last = editor.apply([request], hparams=hp, refuse_current=False)
+        return last
+    return editor.apply(requests, hparams=hp, refuse_current=False)
+
+
+def _config_key(config: EvalConfig) -> dict:
+    return {"algorithm": config.algorithm, "batch_size": config.batch_size, "sequential": config.sequential,
+            "seed": config.seed, "overrides": config.overrides}
+
