@@ -23,6 +23,10 @@ class ModelSpec:
     mlp_out: str  # the edited matrix W: maps the MLP hidden k (d_k) to the residual (d)
     final_norm: str  # applied to the last layer output before the unembedding
     body: str  # the decoder without its head (returns last_hidden_state, normed)
+    # A norm applied to the MLP output before it joins the residual stream (Gemma 2/3,
+    # OLMo 2). There W k does not add linearly to the residual, so values are optimised
+    # at the MLP output and one edit cannot be spread over several layers.
+    post_mlp_norm: str | None = None
     # The unembedding is asked of the model (get_output_embeddings): its name changed
     # across transformers versions (GPT-NeoX: embed_out -> lm_head).
 
@@ -31,6 +35,7 @@ _GPT2 = ModelSpec("transformer.h", "mlp.c_proj", "transformer.ln_f", "transforme
 _GPTJ = ModelSpec("transformer.h", "mlp.fc_out", "transformer.ln_f", "transformer")
 _NEOX = ModelSpec("gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "gpt_neox")
 _LLAMA_LIKE = ModelSpec("model.layers", "mlp.down_proj", "model.norm", "model")
+_SANDWICH = ModelSpec("model.layers", "mlp.down_proj", "model.norm", "model", "post_feedforward_layernorm")
 
 SPECS: dict[str, ModelSpec] = {
     "gpt2": _GPT2,
@@ -41,10 +46,10 @@ SPECS: dict[str, ModelSpec] = {
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma2": _SANDWICH,
+    "gemma3_text": _SANDWICH,
     "smollm3": _LLAMA_LIKE,
-    "olmo2": _LLAMA_LIKE,
+    "olmo2": _SANDWICH,
 }
 
 

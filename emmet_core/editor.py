@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InvalidRequestError, NumericalError
+from .errors import InvalidRequestError, NumericalError, UnsupportedModelError
 from .hparams import HParams, load_preset
 from .keys import compute_keys, layer_outputs
 from .models import LoadedModel
@@ -165,6 +165,8 @@ class Editor:
         if missing:
             answers = greedy_answer(self.loaded, [batch[i].text for i in missing])
             for i, answer in zip(missing, answers):
+                if answer == batch[i].target_new:
+                    raise InvalidRequestError(f"the model already answers {answer!r} to {batch[i].text!r}")
                 batch[i] = batch[i].with_target_true(answer)
         if not refuse_current:
             return batch
@@ -247,15 +249,27 @@ class Editor:
     def _memit_emmet(self, batch, hp: HParams, covs, result: EditResult, timer: _Timer) -> None:
         templates = self._templates(hp, timer)
         z_layer = hp.layers[-1]
+        # Values live in the residual stream after the last edited layer, unless the family
+        # normalises the MLP output: then at the MLP output itself, one layer only.
+        at_mlp = self.adapter.spec.post_mlp_norm is not None
+        if at_mlp and len(hp.layers) > 1:
+            raise UnsupportedModelError(
+                f"{self.adapter.model_type} normalises the MLP output ({self.adapter.spec.post_mlp_norm}), so "
+                "one residual cannot be spread over several layers; edit a single layer"
+            )
         with self._phase(timer, "values"):
-            values = compute_values(self.loaded, batch, templates, z_layer, "residual", hp.values)
+            values = compute_values(self.loaded, batch, templates, z_layer, "mlp" if at_mlp else "residual",
+                                    hp.values)
         targets = values.values.T.to(torch.float64)  # (d, N)
         result.value_loss_before = values.loss_before.tolist()
         result.value_loss_after = values.loss_after.tolist()
         for i, layer in enumerate(hp.layers):
             with self._phase(timer, "keys"):
                 keys, _ = compute_keys(self.loaded, batch, templates, layer, mode="half")
-                current = layer_outputs(self.loaded, batch, z_layer).to(torch.float64)
+                if at_mlp:  # what W produces now for the averaged keys
+                    current = self.adapter.project(layer, keys)
+                else:  # the residual at the subject's last token of the plain prompt
+                    current = layer_outputs(self.loaded, batch, z_layer).to(torch.float64)
             with self._phase(timer, "solve"):
                 residuals = (targets.to(current.device) - current) / (len(hp.layers) - i)
                 if hp.algorithm == "memit":

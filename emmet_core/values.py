@@ -36,6 +36,7 @@ class ValueConfig:
     kl_factor: float = 0.0625
     stop_loss: float = 0.05
     seed: int = 0  # δ starts at zero; the seed is recorded for completeness
+    facts_per_pass: int = 32  # facts optimised in one forward batch
 
 
 @dataclass
@@ -161,7 +162,39 @@ def compute_values(
     site: str,
     config: ValueConfig,
 ) -> ValueResult:
-    """Optimise δ for every fact at once; ``site`` is "mlp" (ROME) or "residual"."""
+    """Optimise δ for every fact; ``site`` is "mlp" (ROME) or "residual" (MEMIT/EMMET).
+
+    Facts are optimised together in groups of ``config.facts_per_pass`` (memory: the
+    prefix cache grows with the group); since each fact has its own loss, the grouping
+    does not change the result.
+    """
+    size = max(config.facts_per_pass, 1)
+    if len(requests) <= size:
+        return _optimise(loaded, requests, templates, layer, site, config)
+    # Group facts with similar suffix lengths (text after the subject, plus the target) so
+    # that little of each pass is padding; then put the results back in request order.
+    order = sorted(range(len(requests)), key=lambda i: _suffix_chars(requests[i]))
+    parts = [_optimise(loaded, [requests[i] for i in order[k : k + size]], templates, layer, site, config)
+             for k in range(0, len(order), size)]
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))
+    joined = {name: torch.cat([getattr(p, name) for p in parts])[back.to(parts[0].values.device)]
+              for name in ("values", "v_init", "loss_before", "nll_after", "loss_after")}
+    return ValueResult(**joined, steps=max(p.steps for p in parts))
+
+
+def _suffix_chars(request: EditRequest) -> int:
+    return len(request.text) - request.subject_span[1] + len(request.target_new)
+
+
+def _optimise(
+    loaded: LoadedModel,
+    requests: list[EditRequest],
+    templates: list[str],
+    layer: int,
+    site: str,
+    config: ValueConfig,
+) -> ValueResult:
     adapter, n = loaded.adapter, len(requests)
     batch = _build(loaded, requests, templates)
     cache = _prefix_cache(loaded, batch)

@@ -110,9 +110,9 @@ def tiny(family: str, tokenizers):
     return prepare(make_model(family, len(tokenizer)), tokenizer, f"tiny-{family}", "cpu")
 
 
-def tiny_hparams(editor, algorithm: str, corpus: Path, **changes):
+def tiny_hparams(editor, algorithm: str, corpus: Path, layers=None, **changes):
     """Small, fast settings for tiny models (few steps, short templates, small C0)."""
-    layers = (1, 2) if algorithm == "memit" else (2,)
+    layers = layers or ((1, 2) if algorithm == "memit" else (2,))
     return editor.hparams(algorithm, layers=layers, v_num_grad_steps=5, context_templates=((3, 2),),
                           stats_corpus=str(corpus), stats_tokens=3000, **changes)
 

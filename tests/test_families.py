@@ -9,6 +9,7 @@ from conftest import FAMILIES, same_weights, tiny, tiny_hparams, weights_of
 
 from emmet_core import Editor, load_model
 from emmet_core.adapter import ModelAdapter
+from emmet_core.errors import UnsupportedModelError
 
 FACT = {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
         "target_new": "English", "target_true": "French"}
@@ -58,8 +59,16 @@ def test_memit_edits_several_layers_and_reset_is_exact(family, tokenizers, isola
     loaded = tiny(family, tokenizers)
     editor = Editor(loaded)
     saved = weights_of(loaded.model)
-    first = editor.apply(FACTS, hparams=tiny_hparams(editor, "memit", corpus_file))
-    assert first.layers == [1, 2] and all(n > 0 for n in first.norms.values())
+    if loaded.adapter.spec.post_mlp_norm:  # Gemma 3: the MLP output is normalised
+        with pytest.raises(UnsupportedModelError, match="edit a single layer"):
+            editor.apply(FACTS, hparams=tiny_hparams(editor, "memit", corpus_file))
+        assert same_weights(loaded.model, saved)
+        first = editor.apply(FACTS, hparams=tiny_hparams(editor, "memit", corpus_file, layers=(2,)))
+        assert first.layers == [2]
+    else:
+        first = editor.apply(FACTS, hparams=tiny_hparams(editor, "memit", corpus_file))
+        assert first.layers == [1, 2]
+    assert all(n > 0 for n in first.norms.values())
     editor.apply([FACT], hparams=tiny_hparams(editor, "rome", corpus_file))  # sequential
     assert len(editor.history) == 2
     editor.reset()
@@ -102,9 +111,28 @@ def test_export_and_load_from_local_directory(tokenizers, isolated_cache, corpus
 def test_unknown_family_names_what_is_supported(tokenizers):
     import transformers as tf
 
-    from emmet_core.errors import UnsupportedModelError
-
     model = tf.OPTForCausalLM(tf.OPTConfig(num_hidden_layers=1, hidden_size=16, ffn_dim=32,
                                            num_attention_heads=2, vocab_size=300, word_embed_proj_dim=16))
     with pytest.raises(UnsupportedModelError, match=r"'opt' is not supported; supported: .*llama"):
         ModelAdapter(model)
+
+
+def test_original_rome_enforces_the_plain_prompt_key(tokenizers, isolated_cache, corpus_file):
+    """rome_variant=original: Ŵ k_p = v* for the plain-prompt key, not for the mean key."""
+    from emmet_core.keys import compute_keys
+    from emmet_core.templates import context_templates
+
+    loaded = tiny("llama", tokenizers)
+    editor = Editor(loaded)
+    hp = tiny_hparams(editor, "rome", corpus_file, rome_variant="original")
+    templates = context_templates(loaded, [list(x) for x in hp.context_templates], seed=hp.seed)
+    request = editor.prepare([FACT])
+    mean_key, plain_key = compute_keys(loaded, request, templates, 2, mode="mean")
+    before_plain = loaded.adapter.project(2, plain_key)
+    before_mean = loaded.adapter.project(2, mean_key)
+    (update,) = editor.apply([FACT], hparams=hp).updates
+    moved_plain = loaded.adapter.project(2, plain_key) - before_plain
+    moved_mean = loaded.adapter.project(2, mean_key) - before_mean
+    target = update.residuals.to(moved_plain)
+    assert (moved_plain - target).norm() / target.norm() < 1e-4
+    assert (moved_mean - target).norm() / target.norm() > 1e-3

@@ -83,13 +83,14 @@ def test_cli_edit_json():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--subject", "Michel Rocard", "--target", "English"], "does not occur in prompt"),
-    (["--subject", SUBJECT, "--target", ""], "missing --target"),
-    (["--subject", SUBJECT, "--target", "English", "--layers", "99"], "out of range"),
-    (["--subject", SUBJECT, "--target", "English", "--algo", "foo"], "unknown algorithm"),
+    (["--prompt", PROMPT.format(SUBJECT), "--subject", "Michel Rocard", "--target", "English"],
+     "does not occur in prompt"),
+    (["--prompt", PROMPT, "--subject", SUBJECT, "--target", ""], "missing --target"),
+    (["--prompt", PROMPT, "--subject", SUBJECT, "--target", "English", "--layers", "99"], "out of range"),
+    (["--prompt", PROMPT, "--subject", SUBJECT, "--target", "English", "--algo", "foo"], "unknown algorithm"),
 ])
 def test_cli_bad_input_exits_with_one_line(args, message):
-    done = run_cli("edit", "--prompt", PROMPT, *args)
+    done = run_cli("edit", *args)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("emmet: error:") and message in lines[-1]
