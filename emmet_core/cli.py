@@ -124,7 +124,7 @@ def cmd_edit(args: argparse.Namespace) -> dict:
         return [{"p_new": a.prob, "p_true": b.prob} for a, b in zip(new, true)]
 
     before, gen_before = probe(), generate(loaded, prompts)
-    result = editor.apply(batch, hparams=hp)
+    result = editor.apply(batch, hparams=hp, refuse_current=False)  # checked by prepare() above
     after, gen_after = probe(), generate(loaded, prompts)
     if args.save:
         editor.save_pretrained(args.save)

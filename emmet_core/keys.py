@@ -15,6 +15,14 @@ from .request import EditRequest, fill
 from .tokens import check_length, encode_with_subject, pad_rows
 
 
+def encode_in_template(tokenizer, template: str, request: EditRequest) -> tuple[list[int], int]:
+    """Token ids of the request's prompt placed in a context template, and the index of
+    the subject's last token."""
+    offset = template.index("{}")
+    start, end = request.subject_span
+    return encode_with_subject(tokenizer, fill(template, request.text), (offset + start, offset + end))
+
+
 def subject_rows(
     loaded: LoadedModel, requests: list[EditRequest], templates: list[str]
 ) -> tuple[list[list[int]], list[int]]:
@@ -22,12 +30,8 @@ def subject_rows(
     index of the subject's last token in each row."""
     rows, positions = [], []
     for request in requests:
-        start, end = request.subject_span
         for template in templates:
-            offset = template.index("{}")
-            ids, last = encode_with_subject(
-                loaded.tokenizer, fill(template, request.text), (offset + start, offset + end)
-            )
+            ids, last = encode_in_template(loaded.tokenizer, template, request)
             rows.append(ids)
             positions.append(last)
     check_length(rows, loaded.adapter.context_length(), "an edit prompt with its context")

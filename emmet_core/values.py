@@ -20,8 +20,9 @@ import torch
 
 from .errors import require_finite
 from .hooks import add_at_positions, capture_output, hidden_of, reuse_lower_layers
+from .keys import encode_in_template
 from .models import LoadedModel
-from .request import EditRequest, fill
+from .request import EditRequest
 from .tokens import check_length, encode_with_subject, target_ids
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,8 @@ def _build(loaded: LoadedModel, requests: list[EditRequest], templates: list[str
     t_row, t_col, t_id, t_w = [], [], [], []
     for i, request in enumerate(requests):
         target = target_ids(tok, request.target_new)
-        start, end = request.subject_span
         for template in templates:
-            offset = template.index("{}")
-            ids, last = encode_with_subject(tok, fill(template, request.text), (offset + start, offset + end))
+            ids, last = encode_in_template(tok, template, request)
             for j, token in enumerate(target):
                 t_row.append(len(rows))
                 t_col.append(len(ids) - 1 + j - last)
