@@ -8,21 +8,9 @@ prompt, with or without a BOS token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .errors import InvalidRequestError
-
-
-@dataclass
-class Row:
-    """One sequence of a batch and the positions that matter in it."""
-
-    ids: list[int]
-    subject_last: int  # index of the subject's last token
-    target: list[int] | None = None  # target token ids predicted after the prompt
-    prompt_len: int = 0  # number of prompt tokens (targets are predicted from prompt_len-1)
 
 
 def encode_with_subject(tokenizer, text: str, span: tuple[int, int]) -> tuple[list[int], int]:
