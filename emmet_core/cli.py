@@ -45,6 +45,11 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=None, help="covariance token budget")
 
 
+def _set_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="hparam",
+                        help="override any hyper-parameter, e.g. --set value_precision=bfloat16 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emmet", description="Edit facts in language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -52,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     edit = sub.add_parser("edit", help="apply one edit (or a JSON file of edits) and report its effect")
     _model_args(edit)
+    _set_arg(edit)
     edit.add_argument("--algo", default="rome", help="rome, memit or emmet")
     edit.add_argument("--prompt", help='relation prompt with {} for the subject, or containing it')
     edit.add_argument("--subject")
@@ -66,13 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate an algorithm on CounterFact or zsRE records")
     _model_args(ev)
+    _set_arg(ev)
     ev.add_argument("--algo", default="rome", help="rome, memit or emmet")
     ev.add_argument("--data", help="dataset file (either CounterFact layout, or zsRE) or hf:NAME[:SPLIT]")
     ev.add_argument("--n", type=int, default=None, help="number of records (default: all)")
     ev.add_argument("--offset", type=int, default=0, help="skip the first K records")
     ev.add_argument("--batch-size", type=int, default=1, help="records applied as one batch")
     ev.add_argument("--sequential", action="store_true", help="never restore the weights between batches")
-    ev.add_argument("--generation-every", type=int, default=1, help="generation entropy on every G-th batch")
+    ev.add_argument("--generation-every", type=int, default=1, help="generation entropy on every G-th record")
     ev.add_argument("--gen-tokens", type=int, default=100, help="tokens generated per prompt for GE")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--layers", help="layers to edit (default: the preset's)")
@@ -85,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--layers", required=True, help="layers, e.g. 4 or 3-5")
     stats.add_argument("--dtype-stats", default="float64", choices=["float32", "float64"])
     return parser
+
+
+def parse_sets(items: list[str]) -> dict[str, object]:
+    """``["kl_factor=0.1", "layers=[3, 4]"]`` -> overrides, values read as YAML scalars/lists."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise EditError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(text)
+    return overrides
 
 
 def _requests(args: argparse.Namespace) -> list[dict]:
@@ -114,7 +134,8 @@ def cmd_edit(args: argparse.Namespace) -> dict:
     load_seconds = time.perf_counter() - started
     editor = Editor(loaded, on_phase=lambda phase: print(f"[emmet] {phase}", file=sys.stderr))
     hp = editor.hparams(args.algo, layers=parse_layers(args.layers), seed=args.seed,
-                        v_num_grad_steps=args.steps, stats_corpus=args.corpus, stats_tokens=args.tokens)
+                        v_num_grad_steps=args.steps, stats_corpus=args.corpus, stats_tokens=args.tokens,
+                        **parse_sets(args.hparam))
     batch = editor.prepare(_requests(args))
     prompts = [r.text for r in batch]
 
@@ -198,6 +219,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     overrides = {k: v for k, v in {"layers": parse_layers(args.layers), "stats_corpus": args.corpus,
                                     "stats_tokens": args.tokens}.items() if v is not None}
+    overrides.update(parse_sets(args.hparam))
     config = EvalConfig(args.algo, args.batch_size, args.sequential, args.generation_every, args.gen_tokens,
                         args.seed, overrides)
     summary = run_eval(Editor(loaded), dataset, config, Path(args.out), args.model)

@@ -26,6 +26,7 @@ from .request import EditRequest, check_conflicts
 from .solvers import emmet_update, memit_update, rome_update
 from .stats import layer_covariances
 from .templates import context_templates
+from .value_cache import cached_values
 from .values import compute_values
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class Editor:
         self._original: dict[int, torch.Tensor] = {}
         self._covs: dict[tuple, torch.Tensor] = {}
         self.on_phase = on_phase
+        self._cache_ok = False  # may v* come from the disk cache in the current apply?
 
     # -- public API ------------------------------------------------------------------------
     def hparams(self, algorithm: str, **overrides: object) -> HParams:
@@ -121,12 +123,15 @@ class Editor:
 
     def apply(
         self, requests: Iterable[RequestLike], algorithm: str = "rome", hparams: HParams | None = None,
-        refuse_current: bool = True, **overrides: object,
+        refuse_current: bool = True, cache_values: bool = False, **overrides: object,
     ) -> EditResult:
         """Apply a batch of edits (ROME: one after the other) and return what was done.
 
         ``refuse_current=False`` lets through facts whose new object the model already
-        gives (benchmarks edit every record; a user asking for it made a mistake)."""
+        gives (benchmarks edit every record; a user asking for it made a mistake).
+        ``cache_values=True`` reuses value targets v* from disk (:mod:`value_cache`) while
+        the weights are the original ones; only this Editor's history can tell that, so
+        callers that change weights behind its back must leave it off."""
         started = time.perf_counter()
         hp = hparams if hparams is not None else self.hparams(algorithm, **overrides)
         for layer in hp.layers:
@@ -137,6 +142,7 @@ class Editor:
         covs = self._covariances(hp, timer)
         before = {layer: self.adapter.weight(layer).detach().clone() for layer in hp.layers}
         result = EditResult(hp.algorithm, hp, batch)
+        self._cache_ok = cache_values and not self.history
         try:
             if hp.algorithm == "rome":
                 self._rome(batch, hp, covs, result, timer)
@@ -177,6 +183,18 @@ class Editor:
                     f"the model already answers {request.target_new!r} to {request.text!r}"
                 )
         return batch
+
+    def warm_values(self, requests: Iterable[RequestLike], hparams: HParams) -> None:
+        """Optimise and cache v* for many facts in shared batches, ahead of applying them
+        one chunk at a time (ROME one by one, small MEMIT/EMMET batches), which would
+        otherwise run the value optimisation on a handful of prompts per pass. Only on the
+        unedited model, whose values the cache holds."""
+        if self.history:
+            raise InvalidRequestError("warm_values needs the unedited model (undo or reset first)")
+        batch = [r if isinstance(r, EditRequest) else EditRequest(**r) for r in requests]
+        layer, site = self._value_site(hparams)
+        templates = context_templates(self.loaded, [list(x) for x in hparams.context_templates], seed=hparams.seed)
+        cached_values(self.loaded, batch, templates, layer, site, hparams.values)
 
     def undo(self) -> EditResult:
         """Revert the last ``apply`` exactly."""
@@ -228,6 +246,23 @@ class Editor:
         with self._phase(timer, "templates"):
             return context_templates(self.loaded, [list(x) for x in hp.context_templates], seed=hp.seed)
 
+    def _value_site(self, hp: HParams) -> tuple[int, str]:
+        """Where v* lives: ROME at its layer's MLP output; MEMIT/EMMET in the residual
+        after the last edited layer, unless the family normalises the MLP output (then at
+        the MLP output itself, and one layer only)."""
+        at_mlp = hp.algorithm == "rome" or self.adapter.spec.post_mlp_norm is not None
+        if at_mlp and len(hp.layers) > 1:
+            raise UnsupportedModelError(
+                f"{self.adapter.model_type} normalises the MLP output ({self.adapter.spec.post_mlp_norm}), so "
+                "one residual cannot be spread over several layers; edit a single layer"
+            )
+        return hp.layers[-1], "mlp" if at_mlp else "residual"
+
+    def _values(self, batch: list[EditRequest], templates: list[str], layer: int, site: str, hp: HParams):
+        if self._cache_ok:
+            return cached_values(self.loaded, batch, templates, layer, site, hp.values)
+        return compute_values(self.loaded, batch, templates, layer, site, hp.values)
+
     def _rome(self, batch, hp: HParams, covs, result: EditResult, timer: _Timer) -> None:
         (layer,) = hp.layers
         templates = self._templates(hp, timer)
@@ -235,7 +270,8 @@ class Editor:
             with self._phase(timer, "keys"):
                 key, plain = compute_keys(self.loaded, [request], templates, layer, mode="mean")
             with self._phase(timer, "values"):
-                values = compute_values(self.loaded, [request], templates, layer, "mlp", hp.values)
+                values = self._values([request], templates, layer, "mlp", hp)
+                self._cache_ok = False  # the next fact sees the weights this one changes
             with self._phase(timer, "solve"):
                 constraint = plain[:, 0] if hp.rome_variant == "original" else None
                 current = self.adapter.project(layer, (plain if constraint is not None else key))[:, 0]
@@ -247,19 +283,11 @@ class Editor:
             result.value_loss_after += values.loss_after.tolist()
 
     def _memit_emmet(self, batch, hp: HParams, covs, result: EditResult, timer: _Timer) -> None:
+        z_layer, site = self._value_site(hp)
+        at_mlp = site == "mlp"
         templates = self._templates(hp, timer)
-        z_layer = hp.layers[-1]
-        # Values live in the residual stream after the last edited layer, unless the family
-        # normalises the MLP output: then at the MLP output itself, one layer only.
-        at_mlp = self.adapter.spec.post_mlp_norm is not None
-        if at_mlp and len(hp.layers) > 1:
-            raise UnsupportedModelError(
-                f"{self.adapter.model_type} normalises the MLP output ({self.adapter.spec.post_mlp_norm}), so "
-                "one residual cannot be spread over several layers; edit a single layer"
-            )
         with self._phase(timer, "values"):
-            values = compute_values(self.loaded, batch, templates, z_layer, "mlp" if at_mlp else "residual",
-                                    hp.values)
+            values = self._values(batch, templates, z_layer, site, hp)
         targets = values.values.T.to(torch.float64)  # (d, N)
         result.value_loss_before = values.loss_before.tolist()
         result.value_loss_after = values.loss_after.tolist()

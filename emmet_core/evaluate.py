@@ -31,14 +31,15 @@ def score_records(
     loaded: LoadedModel,
     records: list[EvalRecord],
     kind: str = "counterfact",
-    generation: bool = True,
+    generation: bool | list[bool] = True,
     gen_tokens: int = 100,
     seed: int = 0,
     batch_size: int = 32,
 ) -> list[dict[str, float]]:
-    """Per-record metrics (fractions, not ×100). CounterFact: ES PS NS EM PM NM S and,
-    with ``generation``, GE. zsRE: token accuracy on rewrite (ES), paraphrase (PS) and
-    neighbourhood (NS, against the neighbourhood's own answer)."""
+    """Per-record metrics (fractions, not ×100). CounterFact: ES PS NS EM PM NM S and GE
+    for the records ``generation`` selects (all, none, or one flag per record). zsRE:
+    token accuracy on rewrite (ES), paraphrase (PS) and neighbourhood (NS, against the
+    neighbourhood's own answer)."""
     prompts, new, true, where = [], [], [], []
     for index, record in enumerate(records):
         for group, group_prompts, target_new, group_true in _groups(record):
@@ -55,8 +56,13 @@ def score_records(
         lists[0].append(a)
         lists[1].append(b)
     out = [_counterfact(c) if kind == "counterfact" else _zsre(c) for c in collected]
-    if generation and kind == "counterfact":
-        _add_generation_entropy(loaded, records, out, gen_tokens, seed)
+    flags = generation if isinstance(generation, list) else [generation] * len(records)
+    chosen = [i for i, flag in enumerate(flags) if flag]
+    if chosen and kind == "counterfact":
+        texts = generation_texts(loaded, [records[i] for i in chosen], gen_tokens, seed)
+        for i, record_texts in zip(chosen, texts):
+            if record_texts:
+                out[i]["GE"] = fmean(metrics.generation_entropy(t) for t in record_texts)
     return out
 
 
@@ -89,15 +95,12 @@ def _zsre(groups: dict[str, tuple[list, list]]) -> dict[str, float]:
     return row
 
 
-def _add_generation_entropy(loaded, records, rows, gen_tokens: int, seed: int) -> None:
+def generation_texts(loaded: LoadedModel, records: list[EvalRecord], gen_tokens: int = 100,
+                     seed: int = 0) -> list[list[str]]:
+    """Seeded top-5 continuations of each record's generation prompts (REFERENCE §7)."""
     prompts = [p for r in records for p in r.generation_prompts]
-    owner = [i for i, r in enumerate(records) for _ in r.generation_prompts]
-    texts = generate(loaded, prompts, max_new_tokens=gen_tokens, top_k=5, seed=seed)
-    per_record: dict[int, list[float]] = {}
-    for index, text in zip(owner, texts):
-        per_record.setdefault(index, []).append(metrics.generation_entropy(text))
-    for index, values in per_record.items():
-        rows[index]["GE"] = fmean(values)
+    texts = iter(generate(loaded, prompts, max_new_tokens=gen_tokens, batch_size=64, top_k=5, seed=seed))
+    return [[next(texts) for _ in r.generation_prompts] for r in records]
 
 
 def summarise(rows: list[dict[str, float]]) -> dict[str, float]:

@@ -47,6 +47,7 @@ class HParams:
     ridge_single: bool = False  # add EMMET's ridge also when N = 1
     rome_variant: str = "rebuilt"  # "rebuilt" (r-ROME, k̄ everywhere) or "original"
     context_templates: tuple[tuple[int, int], ...] = ((10, 5),)  # (tokens, count)
+    value_precision: str = "float32"  # "bfloat16": v* optimised under autocast (≈2x on AMX CPUs)
     seed: int = 0
     stats_corpus: str = "wiki-offline"
     stats_tokens: int = 100_000
@@ -64,6 +65,8 @@ class HParams:
             raise InvalidRequestError(f"ROME edits exactly one layer, got {list(self.layers)}")
         if self.rome_variant not in ("rebuilt", "original"):
             raise InvalidRequestError(f"rome_variant must be 'rebuilt' or 'original', not {self.rome_variant!r}")
+        if self.value_precision not in ("float32", "bfloat16"):
+            raise InvalidRequestError(f"value_precision must be float32 or bfloat16, not {self.value_precision!r}")
         if self.v_num_grad_steps < 1 or self.v_lr <= 0:
             raise InvalidRequestError("v_num_grad_steps must be ≥ 1 and v_lr > 0")
         object.__setattr__(self, "layers", tuple(sorted({int(x) for x in self.layers})))
@@ -74,7 +77,8 @@ class HParams:
     @property
     def values(self) -> ValueConfig:
         return ValueConfig(self.v_num_grad_steps, self.v_lr, self.v_weight_decay,
-                           self.clamp_norm_factor, self.kl_factor, seed=self.seed)
+                           self.clamp_norm_factor, self.kl_factor, seed=self.seed,
+                           precision=self.value_precision)
 
     @property
     def ridge(self) -> float:

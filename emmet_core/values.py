@@ -13,7 +13,8 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ class ValueConfig:
     stop_loss: float = 0.05
     seed: int = 0  # δ starts at zero; the seed is recorded for completeness
     facts_per_pass: int = 32  # facts optimised in one forward batch
+    precision: str = "float32"  # or "bfloat16": optimisation steps under autocast (CPU AMX, GPU)
 
 
 @dataclass
@@ -137,16 +139,39 @@ def _prefix_cache(loaded: LoadedModel, batch: _Batch):
     return cache
 
 
+@contextmanager
+def _precision(loaded: LoadedModel, precision: str) -> Iterator[None]:
+    """Run the optimisation steps in bfloat16 autocast if asked. On CPU, attention switches
+    to the eager kernel meanwhile: the fused bf16 attention backward is slower there than
+    everything else together."""
+    if precision == "float32":
+        yield
+        return
+    if precision != "bfloat16":
+        raise ValueError(f"value precision must be float32 or bfloat16, not {precision!r}")
+    model = loaded.model
+    previous = model.config._attn_implementation
+    swap = loaded.device.type == "cpu" and previous != "eager" and hasattr(model, "set_attn_implementation")
+    if swap:
+        model.set_attn_implementation("eager")
+    try:
+        with torch.autocast(loaded.device.type, dtype=torch.bfloat16):
+            yield
+    finally:
+        if swap:
+            model.set_attn_implementation(previous)
+
+
 def _losses(loaded: LoadedModel, batch: _Batch, n: int, cache, kl_init: torch.Tensor | None):
     """Per-fact target NLL and KL(now ‖ init), plus the current KL log-probs."""
     adapter = loaded.adapter
     past = {cache_kwarg(adapter.body): copy.deepcopy(cache)} if cache is not None else {}
     hidden = adapter.body(input_ids=batch.suffix_ids, attention_mask=batch.mask, position_ids=batch.suffix_pos,
                           use_cache=cache is not None, **past)[0]
-    logp = adapter.logits(hidden[batch.tgt_row, batch.tgt_col]).log_softmax(-1)
+    logp = adapter.logits(hidden[batch.tgt_row, batch.tgt_col]).float().log_softmax(-1)
     token_nll = -logp.gather(1, batch.tgt_id[:, None])[:, 0] * batch.tgt_weight
     nll = torch.zeros(n, device=hidden.device).index_add(0, batch.fact[batch.tgt_row], token_nll)
-    kl_logp = adapter.logits(hidden[batch.kl_rows, 0]).log_softmax(-1)
+    kl_logp = adapter.logits(hidden[batch.kl_rows, 0]).float().log_softmax(-1)
     if kl_init is None:
         return nll, torch.zeros_like(nll), kl_logp
     kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)
@@ -212,9 +237,11 @@ def _optimise(
     active = torch.ones(n, dtype=torch.bool, device=delta.device)
     replay = reuse_lower_layers(adapter.layers, upto, low[0]) if upto > 0 else nullcontext()
     all_rows = torch.arange(len(batch.fact), device=delta.device)
-    with replay, add_at_positions(module, all_rows, torch.zeros_like(all_rows), lambda: delta[batch.fact]):
+    with replay, _precision(loaded, config.precision), \
+            add_at_positions(module, all_rows, torch.zeros_like(all_rows), lambda: delta[batch.fact]):
         for steps in range(config.steps + 1):  # the last pass only scores the final δ
             nll, kl, _ = _losses(loaded, batch, n, cache, kl_init)
+            nll, kl = nll.float(), kl.float()
             decay = config.weight_decay * delta.norm(dim=1) / v_init.norm(dim=1) ** 2
             loss = nll + config.kl_factor * kl + decay
             active &= loss.detach() >= config.stop_loss
