@@ -184,6 +184,11 @@ class Editor:
                 )
         return batch
 
+    def covariance(self, layer: int, hparams: HParams) -> torch.Tensor:
+        """C0 = E[k kᵀ] of ``layer`` under ``hparams``' corpus settings (cached)."""
+        self.adapter.check_layer(layer)
+        return self._covariances(hparams.replace(layers=(layer,)), _Timer())[layer]
+
     def warm_values(self, requests: Iterable[RequestLike], hparams: HParams) -> None:
         """Optimise and cache v* for many facts in shared batches, ahead of applying them
         one chunk at a time (ROME one by one, small MEMIT/EMMET batches), which would

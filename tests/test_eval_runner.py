@@ -38,6 +38,14 @@ def test_eval_emmet_batches_resume_and_plot(tmp_path, capsys):
     assert len(resumed) == 10 and resumed[:5] == lines[:5]
     assert json.loads((out / "summary.json").read_text())["post"]["ES"] == pytest.approx(summary["post"]["ES"])
 
+    # Pre-edit scores are those of the unedited model whatever the batch size (GE texts are
+    # seeded per prompt, not per batch); the second run takes them from the baseline cache.
+    other = tmp_path / "emmet-b10"
+    assert main([*args[:-6], "--batch-size", "10", "--gen-tokens", "20", "--out", str(other)]) == 0
+    first = {row["case_id"]: row for row in map(json.loads, lines)}
+    for row in map(json.loads, (other / "records.jsonl").read_text().splitlines()):
+        assert row["pre"] == first[row["case_id"]]["pre"]
+
     capsys.readouterr()
     assert main(["eval", "--plot", str(out), "--out", str(tmp_path / "plot")]) == 0
     assert (tmp_path / "plot" / "batch_sizes.html").stat().st_size > 10_000
