@@ -115,5 +115,5 @@ def test_editor_covariance_is_the_cached_c0(tokenizers, isolated_cache, corpus_f
     assert cov.shape == (loaded.adapter.key_size(1),) * 2
     assert torch.allclose(cov, cov.T) and torch.linalg.eigvalsh(cov.double()).min() > -1e-6
     assert editor.covariance(1, hp) is cov  # computed once per editor
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(EditError, match="out of range"):
         editor.covariance(99, hp)
