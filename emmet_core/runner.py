@@ -2,7 +2,8 @@
 batch (ROME: fact by fact), evaluated before and after, then restored (never restored
 with ``sequential``). One JSON line per record in ``records.jsonl``; an interrupted run
 resumes from it. ``summary.json`` holds the averages and everything needed to
-reproduce them (model fingerprint, hyper-parameters, seed, versions).
+reproduce them (model fingerprint, hyper-parameters, seed, versions); until the run is
+complete, ``progress.json`` holds the same for the records done so far.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
     hp = editor.hparams(config.algorithm, seed=config.seed, **config.overrides)
     chunks = [dataset.records[i : i + config.batch_size] for i in range(0, len(dataset.records), config.batch_size)]
     started = time.perf_counter()
+    prior = _prior_seconds(out) if done else 0.0  # time spent before an interruption
     bar = tqdm(total=len(dataset.records), initial=len(done), unit="rec", desc=f"eval {config.algorithm}",
                file=sys.stderr, disable=not progress)
     warmed = 0  # records whose v* are in the value cache already
@@ -94,16 +96,38 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
             if not config.sequential:
                 editor.reset()
             bar.update(len(chunk))
+            if len(done) < len(dataset.records):
+                _write_summary(out, editor, dataset, config, hp, done, model_name,
+                               prior + time.perf_counter() - started, complete=False)
     bar.close()
+    return _write_summary(out, editor, dataset, config, hp, done, model_name, prior + time.perf_counter() - started,
+                          complete=True)
+
+
+def _write_summary(out: Path, editor: Editor, dataset: Dataset, config: EvalConfig, hp, done: list[dict],
+                   model_name: str, seconds: float, complete: bool) -> dict:
+    """``summary.json`` when the run is complete; ``progress.json`` (same fields, the
+    records so far) after every chunk before that, so a long run can be read early."""
     summary = {
         "model": model_name, "model_fingerprint": editor.loaded.fingerprint, "algorithm": config.algorithm,
-        "data": dataset.name, "n": len(done), "skipped": len(dataset.skipped), "batch_size": config.batch_size,
-        "sequential": config.sequential, "pre": summarise([d["pre"] for d in done]),
-        "post": summarise([d["post"] for d in done]), "seconds": time.perf_counter() - started,
-        "hparams": hp.to_dict(), "seed": config.seed, "eval_config": asdict(config), "versions": versions(),
+        "data": dataset.name, "n": len(done), "n_planned": len(dataset.records), "complete": complete,
+        "skipped": len(dataset.skipped), "batch_size": config.batch_size, "sequential": config.sequential,
+        "pre": summarise([d["pre"] for d in done]), "post": summarise([d["post"] for d in done]),
+        "seconds": seconds, "hparams": hp.to_dict(), "seed": config.seed, "eval_config": asdict(config),
+        "versions": versions(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    name = "summary.json" if complete else "progress.json"
+    (out / name).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    if complete:
+        (out / "progress.json").unlink(missing_ok=True)
     return summary
+
+
+def _prior_seconds(out: Path) -> float:
+    try:
+        return float(json.loads((out / "progress.json").read_text(encoding="utf-8"))["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
 
 
 def _apply(editor: Editor, chunk: list[EvalRecord], hp, config: EvalConfig):

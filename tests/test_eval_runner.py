@@ -27,6 +27,7 @@ def test_eval_emmet_batches_resume_and_plot(tmp_path, capsys):
     assert summary["post"]["ES"] > summary["pre"]["ES"]  # the edits took
     assert summary["post"]["ES"] >= 80
     assert {"hparams", "seed", "versions", "model_fingerprint", "seconds"} <= set(summary)
+    assert summary["complete"] is True and summary["n_planned"] == 10 and not (out / "progress.json").exists()
     lines = (out / "records.jsonl").read_text().splitlines()
     source = json.loads(open(DATA).read())[:10]
     assert [json.loads(x)["case_id"] for x in lines] == [r["case_id"] for r in source]
