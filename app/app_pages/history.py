@@ -1,0 +1,84 @@
+"""History page: this session's edits, undo and reset, the edit log and the edited model."""
+
+import re
+import time
+from pathlib import Path
+
+import streamlit as st
+
+from app_pages import common
+from emmet_core.workspace import Session
+
+state = st.session_state
+
+
+def rows(session: Session) -> list[dict]:
+    out = []
+    for number, record in enumerate(session.records, start=1):
+        summary = record.summary
+        p_new = summary.get("p_new")
+        out.append({
+            "#": number,
+            "time": time.strftime("%H:%M:%S", time.localtime(record.created)),
+            "edit": record.label,
+            "layers": ", ".join(map(str, record.layers)),
+            "‖Δ‖": ", ".join(f"{v:.3g}" for v in record.norms.values()),
+            "P(new) before → after": f"{common.percent(p_new[0])} → {common.percent(p_new[1])}" if p_new else "",
+            "seconds": round(record.seconds.get("total", 0.0), 1),
+        })
+    return out
+
+
+def undo(session: Session) -> None:
+    with common.readable_errors("Undo"):
+        record = session.undo()
+        state.history_message = f"Undone: {record.label}"
+
+
+def reset(session: Session) -> None:
+    session.reset()
+    state.history_message = "Back to the original model."
+
+
+def default_directory(session: Session) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(session.loaded.name).name).strip("-") or "model"
+    return str(Path("exports") / f"{name}-{len(session.records)}-edits")
+
+
+def export(session: Session) -> None:
+    st.markdown("##### Export the edited model")
+    st.caption("A safetensors checkpoint directory (config, weights, tokenizer) that transformers loads with "
+               "`AutoModelForCausalLM.from_pretrained(path)`.")
+    left, right = st.columns([3, 1], vertical_alignment="bottom")
+    directory = left.text_input("Directory on the server", default_directory(session), key="export_dir")
+    if right.button("Save edited model", icon=":material/save:", disabled=not session.records):
+        with common.readable_errors("Saving the model"), st.spinner("Writing safetensors…"):
+            path = session.save_pretrained(directory)
+            files = ", ".join(sorted(p.name for p in path.iterdir()))
+            st.success(f"Saved to {path.resolve()} ({files})")
+    st.download_button("Download the edited model (.zip)", data=session.export_zip, file_name=
+                       f"{Path(default_directory(session)).name}.zip", mime="application/zip",
+                       icon=":material/download:", disabled=not session.records, on_click="ignore",
+                       help="Built when you click; for large models prefer saving on the server.")
+
+
+session = common.require_session()
+st.title("History")
+st.caption("Every edit applied in this browser session, oldest first. They live only in this session: "
+           "other users of this server see the original model.")
+message = state.pop("history_message", None)
+if message:
+    st.success(message)
+if not session.records:
+    st.info("No edits yet. Apply one on the Edit page (or run a batch).")
+else:
+    st.dataframe(rows(session), hide_index=True)
+left, middle, right = st.columns(3)
+left.button("Undo the last edit", on_click=undo, args=(session,), disabled=not session.records,
+            icon=":material/undo:")
+middle.button("Reset to the original model", on_click=reset, args=(session,), disabled=not session.records,
+              icon=":material/restart_alt:")
+right.download_button("Download the edit log (JSON)", session.log_json(), file_name="emmet-edit-log.json",
+                      mime="application/json", icon=":material/data_object:", on_click="ignore")
+st.divider()
+export(session)
