@@ -199,10 +199,14 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from .data import load_dataset
 
     if args.plot:
-        from .plots import plot_batch_sizes
+        from .plots import plot_batch_sizes, results_table
 
-        paths = plot_batch_sizes([Path(p) for p in args.plot], Path(args.out or args.plot[0]))
-        for path in paths:
+        out = Path(args.out or args.plot[0])
+        paths = plot_batch_sizes([Path(p) for p in args.plot], out)
+        table = results_table([Path(p) for p in args.plot])
+        (out / "table.md").write_text(table, encoding="utf-8")
+        print(table)
+        for path in [*paths, out / "table.md"]:
             print(path)
         return {}
     if not args.data or not args.out:

@@ -18,10 +18,39 @@ def load_summaries(directories: list[Path]) -> list[dict]:
     summaries = []
     for directory in directories:
         path = directory / "summary.json" if directory.is_dir() else directory
+        if directory.is_dir() and not path.is_file() and (directory / "progress.json").is_file():
+            path = directory / "progress.json"  # a run still going (or interrupted): its records so far
         if not path.is_file():
             raise EditError(f"no summary.json in {directory}")
         summaries.append(json.loads(path.read_text()))
     return summaries
+
+
+def results_table(directories: list[Path]) -> str:
+    """A Markdown table of the runs' summaries (×100 scores, GE in bits, wall time):
+    the unedited model once, then one row per run."""
+    summaries = sorted(load_summaries(directories), key=lambda s: (s["algorithm"], s["batch_size"]))
+    head = "| run | n | ES | PS | NS | S | GE | ‖Δ‖ | wall time |\n|---|---|---|---|---|---|---|---|---|\n"
+
+    def cells(scores: dict) -> str:
+        return " | ".join(f"{scores[k]:.1f}" if k in scores else "–" for k in ("ES", "PS", "NS", "S")) + \
+            (f" | {scores['GE']:.2f}" if "GE" in scores else " | –")
+
+    rows = []
+    if summaries:
+        rows.append(f"| unedited | {summaries[0]['n']} | {cells(summaries[0]['pre'])} | – | – |")
+    for s in summaries:
+        label = f"{s['algorithm'].upper()} batch {s['batch_size']}" + (" sequential" if s.get("sequential") else "")
+        norm = s.get("mean_delta_norm")
+        done = "" if s.get("complete", True) else f" (of {s['n_planned']})"
+        rows.append(f"| {label} | {s['n']}{done} | {cells(s['post'])} | "
+                    f"{'–' if norm is None else f'{norm:.1f}'} | {_duration(s['seconds'])} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 def plot_batch_sizes(directories: list[Path], out: Path) -> list[Path]:

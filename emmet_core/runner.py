@@ -113,7 +113,8 @@ def _write_summary(out: Path, editor: Editor, dataset: Dataset, config: EvalConf
         "data": dataset.name, "n": len(done), "n_planned": len(dataset.records), "complete": complete,
         "skipped": len(dataset.skipped), "batch_size": config.batch_size, "sequential": config.sequential,
         "pre": summarise([d["pre"] for d in done]), "post": summarise([d["post"] for d in done]),
-        "seconds": seconds, "hparams": hp.to_dict(), "seed": config.seed, "eval_config": asdict(config),
+        "mean_delta_norm": _mean_delta_norm(done), "seconds": seconds, "hparams": hp.to_dict(),
+        "seed": config.seed, "eval_config": asdict(config),
         "versions": versions(),
     }
     name = "summary.json" if complete else "progress.json"
@@ -121,6 +122,12 @@ def _write_summary(out: Path, editor: Editor, dataset: Dataset, config: EvalConf
     if complete:
         (out / "progress.json").unlink(missing_ok=True)
     return summary
+
+
+def _mean_delta_norm(done: list[dict]) -> float | None:
+    """Mean over chunks of ‖Δ‖_F, all edited layers together."""
+    per_chunk = {d["chunk"]: sum(v * v for v in d["delta_norms"].values()) ** 0.5 for d in done if d["delta_norms"]}
+    return sum(per_chunk.values()) / len(per_chunk) if per_chunk else None
 
 
 def _prior_seconds(out: Path) -> float:

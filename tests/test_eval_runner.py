@@ -50,6 +50,9 @@ def test_eval_emmet_batches_resume_and_plot(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--plot", str(out), "--out", str(tmp_path / "plot")]) == 0
     assert (tmp_path / "plot" / "batch_sizes.html").stat().st_size > 10_000
+    table = (tmp_path / "plot" / "table.md").read_text().splitlines()
+    assert table[2].startswith("| unedited | 10 |") and table[3].startswith("| EMMET batch 5 | 10 |")
+    assert f"{summary['post']['ES']:.1f}" in table[3]
 
 
 def test_eval_rome_sequential_and_bad_data(tmp_path):
