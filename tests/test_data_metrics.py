@@ -39,6 +39,20 @@ def test_rome_layout():
     assert record.generation_prompts == ["Danielle Darrieux's mother tongue is"]
 
 
+def test_rome_layout_through_the_hub_loader_from_a_local_folder(tmp_path):
+    """The ``hf:`` path online users take, fed a local folder (no network): the nested
+    ROME layout survives the ``datasets`` round trip."""
+    folder = tmp_path / "counterfact-hub"
+    folder.mkdir()
+    second = json.loads(json.dumps(ROME_RECORD))
+    second["case_id"], second["requested_rewrite"]["subject"] = 1, "Michel Rocard"
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in (ROME_RECORD, second)))
+    data = load_dataset(f"hf:{folder}:train")
+    assert [r.case_id for r in data.records] == [0, 1]
+    assert data.records[1].request.text == "The mother tongue of Michel Rocard is"
+    assert data.records[0].generation_prompts == ["Danielle Darrieux's mother tongue is"]
+
+
 def test_mend_layout_from_shared_data():
     data = load_dataset(str(SHARED_DATA / "counterfact" / "counterfact-edit.json"))
     assert data.kind == "counterfact" and len(data.records) == 10_000 and not data.skipped
