@@ -266,7 +266,9 @@ class Session:
         chunks = [prepared[i : i + size] for i in range(0, len(prepared), size)]
         results = []
         for index, chunk in enumerate(chunks):
-            results.append(self.shared.editor.apply(chunk, hparams=hp, refuse_current=False))
+            # v* computed on the original weights may come from (and go to) the disk cache.
+            original = index == 0 and not self.records
+            results.append(self.shared.editor.apply(chunk, hparams=hp, refuse_current=False, cache_values=original))
             self.shared.editor.history.clear()
             if on_chunk is not None:
                 on_chunk(index + 1, len(chunks))

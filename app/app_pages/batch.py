@@ -138,7 +138,7 @@ chunk = middle.number_input("Facts per solve (0: all at once)", 0, MAX_FACTS, 0,
                             help="Smaller batches are applied one after the other and all kept.")
 gen_tokens = right.number_input("Generated tokens per text (GE)", 0, 200, 0, step=10, key="batch_gen_tokens",
                                 help="0 skips generation (faster).")
-if st.button("Run the batch", type="primary", icon=":material/play_arrow:", disabled=not records):
+if st.button("Run the batch", type="primary", icon=":material/play_arrow:", disabled=not records, key="run_batch"):
     run(session, records or [], algorithm or "emmet", int(chunk), int(gen_tokens))
 shown = state.get("batch_report")
 if shown is not None and shown[0] == session.id:

@@ -106,7 +106,7 @@ algorithms = left.pills("Editors", list(ALGORITHMS), default=list(ALGORITHMS), s
                         format_func=ALGORITHMS.get, key="compare_algorithms")
 gen_tokens = right.number_input("Generated tokens per text (GE)", 0, 200, 40, step=10, key="compare_gen_tokens",
                                 help="0 skips generation (and GE).")
-if st.button("Run the comparison", type="primary", icon=":material/play_arrow:"):
+if st.button("Run the comparison", type="primary", icon=":material/play_arrow:", key="run_compare"):
     records = [record_for(*choices[label], case_id=i) for i, label in enumerate(picked)]
     run(session, records, list(algorithms or []), int(gen_tokens))
 shown = state.get("compare_rows")

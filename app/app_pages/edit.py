@@ -214,7 +214,7 @@ st.caption("Rewrite one fact inside the model with ROME, MEMIT or EMMET, then se
 fact_inputs(session)
 algorithm = state.get("algorithm") or "rome"
 settings = advanced(session, algorithm)
-if st.button(f"Apply edit with {ALGORITHMS[algorithm]}", type="primary", icon=":material/bolt:"):
+if st.button(f"Apply edit with {ALGORITHMS[algorithm]}", type="primary", icon=":material/bolt:", key="apply"):
     apply(session, algorithm, settings)
 shown = state.get("edit_report")
 if shown is not None and shown[0] == session.id:

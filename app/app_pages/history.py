@@ -51,7 +51,7 @@ def export(session: Session) -> None:
                "`AutoModelForCausalLM.from_pretrained(path)`.")
     left, right = st.columns([3, 1], vertical_alignment="bottom")
     directory = left.text_input("Directory on the server", default_directory(session), key="export_dir")
-    if right.button("Save edited model", icon=":material/save:", disabled=not session.records):
+    if right.button("Save edited model", icon=":material/save:", disabled=not session.records, key="save_model"):
         with common.readable_errors("Saving the model"), st.spinner("Writing safetensors…"):
             path = session.save_pretrained(directory)
             files = ", ".join(sorted(p.name for p in path.iterdir()))
@@ -75,9 +75,9 @@ else:
     st.dataframe(rows(session), hide_index=True)
 left, middle, right = st.columns(3)
 left.button("Undo the last edit", on_click=undo, args=(session,), disabled=not session.records,
-            icon=":material/undo:")
+            icon=":material/undo:", key="undo")
 middle.button("Reset to the original model", on_click=reset, args=(session,), disabled=not session.records,
-              icon=":material/restart_alt:")
+              icon=":material/restart_alt:", key="reset")
 right.download_button("Download the edit log (JSON)", session.log_json(), file_name="emmet-edit-log.json",
                       mime="application/json", icon=":material/data_object:", on_click="ignore")
 st.divider()

@@ -1,0 +1,215 @@
+"""Every page of the Streamlit app through streamlit.testing (AppTest), on a tiny random
+GPT-2 saved to disk and opened by path, exactly as a user would open a local model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import SHARED_DATA, make_model, make_tokenizer, same_weights, weights_of
+from streamlit.testing.v1 import AppTest
+
+from emmet_core import score_targets
+
+APP = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
+CSV = ("subject,prompt,target_new,target_true,paraphrase,neighbour_prompt,neighbour_target\n"
+       "Danielle Darrieux,The mother tongue of {} is,English,French,Danielle Darrieux grew up speaking,"
+       "The mother tongue of Michel Rocard is,French\n"
+       "Toko Yasuda,{} plays the,piano,guitar,,,\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_app(tmp_path_factory):
+    """A tiny model directory, a private cache, and the app pointed at both."""
+    root = tmp_path_factory.mktemp("app")
+    tokenizer = make_tokenizer("bpe")
+    model = make_model("gpt2", len(tokenizer))
+    model.save_pretrained(root / "tiny-gpt2")
+    tokenizer.save_pretrained(root / "tiny-gpt2")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EMMET_MODEL", str(root / "tiny-gpt2"))
+        patch.setenv("EMMET_CACHE_DIR", str(root / "cache"))
+        yield {"name": str(root / "tiny-gpt2"), "weights": weights_of(model), "root": root}
+
+
+def app() -> AppTest:
+    return AppTest.from_file(str(APP), default_timeout=180).run()
+
+
+def session_of(at: AppTest, tiny: dict):
+    return at.session_state["sessions"][tiny["name"]]
+
+
+def charts(at: AppTest) -> dict[str, dict]:
+    """Plotly charts on the page by key, with their figure JSON."""
+    return {c.proto.id.rsplit("-", 1)[-1]: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
+
+
+def apply_edit(at: AppTest) -> AppTest:
+    at.text_input(key="target_true").set_value("French")
+    at.number_input(key="gen_tokens").set_value(10)
+    return at.button(key="apply").click().run()
+
+
+def edits_in_sidebar(at: AppTest) -> str:
+    return next(m.value for m in at.sidebar.markdown if "in this browser session" in m.value)
+
+
+def test_edit_page_applies_an_edit_and_shows_every_chart(tiny_app):
+    at = app()
+    assert not at.exception
+    assert at.text_input(key="subject").value == "Danielle Darrieux"
+    assert at.text_input(key="target_true").value  # pre-filled with the model's own answer
+    assert "Jean Gabin" in at.text_area(key="neighbours").value  # the example's neighbours
+    apply_edit(at)
+    assert not at.exception and not at.error
+    shown = charts(at)
+    assert {"chart_prompt", "chart_paraphrases", "chart_neighbours", "chart_entropy", "chart_norms",
+            "chart_phases"} <= set(shown)
+    report = at.session_state["edit_report"][1]
+    assert shown["chart_prompt"]["data"][0]["y"] == [report.before.rewrite.p_new, report.after.rewrite.p_new]
+    assert report.request.target_true == "French" and len(report.after.paraphrases) == 3
+    assert edits_in_sidebar(at).startswith("**1 edit**")
+    session = session_of(at, tiny_app)
+    assert len(session.records) == 1
+    assert same_weights(session.shared.loaded.model, tiny_app["weights"])  # shared weights stay original
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("prompt", "The mother tongue of Michel Rocard is", "does not occur in prompt"),
+    ("target_new", "  ", "target_new is empty"),
+    ("layers", "99", "out of range"),
+    ("layers", "four", "write numbers like"),
+])
+def test_bad_input_gets_a_message_and_changes_nothing(tiny_app, field, value, message):
+    at = app()
+    if field == "layers":
+        at.text_input(key=f"hp.{tiny_app['name']}.rome.layers").set_value(value)
+    else:
+        at.text_input(key=field).set_value(value)
+    at.button(key="apply").click().run()
+    assert not at.exception
+    assert any(message in e.value for e in at.error), [e.value for e in at.error]
+    assert session_of(at, tiny_app).records == []
+    assert same_weights(session_of(at, tiny_app).shared.loaded.model, tiny_app["weights"])
+
+
+def test_two_browser_sessions_never_see_each_others_edits(tiny_app):
+    a, b = app(), app()
+    session_a, session_b = session_of(a, tiny_app), session_of(b, tiny_app)
+    assert session_a.shared is session_b.shared and session_a is not session_b  # one model per process
+    text = "The mother tongue of Danielle Darrieux is"
+
+    def p_english(session) -> float:
+        return session.run(lambda loaded: score_targets(loaded, [text], ["English"])[0].prob)
+
+    original = p_english(session_b)
+    apply_edit(a)
+    after_a = p_english(session_a)
+    assert after_a != original
+    b.run()
+    assert edits_in_sidebar(b).startswith("**0 edits**") and "edit_report" not in b.session_state
+    assert p_english(session_b) == original
+    assert session_b.run(lambda loaded: same_weights(loaded.model, tiny_app["weights"]))
+    view_a = session_a.run(lambda loaded: weights_of(loaded.model))
+    b.text_input(key="subject").set_value("Toko Yasuda")
+    b.text_input(key="prompt").set_value("{} plays the")
+    b.text_input(key="target_new").set_value("piano")
+    b.run()
+    b.text_input(key="target_true").set_value("guitar")
+    b.button(key="apply").click().run()
+    assert not b.exception and len(session_b.records) == 1
+    a.run()
+    assert edits_in_sidebar(a).startswith("**1 edit**") and p_english(session_a) == after_a
+    assert session_a.run(lambda loaded: same_weights(loaded.model, view_a))
+    assert p_english(session_b) != after_a
+
+
+def test_history_page_undo_reset_and_export(tiny_app, tmp_path):
+    at = apply_edit(app())
+    at.switch_page("app_pages/history.py").run()
+    assert not at.exception
+    assert len(at.dataframe[0].value) == 1 and "Danielle Darrieux" in at.dataframe[0].value["edit"][0]
+    at.text_input(key="export_dir").set_value(str(tmp_path / "edited"))
+    at.button(key="save_model").click().run()
+    assert any("Saved to" in s.value for s in at.success)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "edited").iterdir()}
+    at.button(key="undo").click().run()
+    assert any("Undone" in s.value for s in at.success) and session_of(at, tiny_app).records == []
+    assert at.button(key="undo").disabled and at.button(key="reset").disabled
+    at.switch_page("app_pages/edit.py").run()
+    apply_edit(at)
+    at.switch_page("app_pages/history.py").run()
+    at.button(key="reset").click().run()
+    assert session_of(at, tiny_app).records == [] and not at.exception
+
+
+def test_compare_page_runs_each_editor_from_the_original_weights(tiny_app):
+    at = apply_edit(app())
+    at.switch_page("app_pages/compare.py").run()
+    assert not at.exception
+    assert at.multiselect(key="compare_facts").value[0].startswith("The fact on the Edit page")
+    at.number_input(key="compare_gen_tokens").set_value(0)
+    at.button(key="run_compare").click().run()
+    assert not at.exception and not at.error
+    table = at.dataframe[0].value
+    assert list(table["editor"]) == ["unedited", "ROME", "MEMIT", "EMMET"]
+    assert table["ES"].notna().all() and {"compare_scores", "compare_details"} <= set(charts(at))
+    assert len(session_of(at, tiny_app).records) == 1  # the comparison kept nothing
+
+
+def upload(at: AppTest, name: str, data: bytes) -> AppTest:
+    at.radio(key="batch_source").set_value("Upload a file").run()
+    at.file_uploader(key="batch_file").set_value((name, data, "text/csv"))
+    return at.run()
+
+
+def test_batch_page_with_an_uploaded_file(tiny_app):
+    at = app().switch_page("app_pages/batch.py").run()
+    upload(at, "facts.csv", CSV.encode())
+    assert not at.exception and any("2 facts read" in s.value for s in at.success)
+    at.button(key="run_batch").click().run()
+    assert not at.exception and not at.error
+    assert {"batch_summary", "batch_success"} <= set(charts(at))
+    assert [r["prompt"] for r in at.dataframe[0].value.to_dict("records")] == [
+        "The mother tongue of Danielle Darrieux is", "Toko Yasuda plays the"]
+    records = session_of(at, tiny_app).records
+    assert len(records) == 1 and records[0].label == "EMMET batch of 2 facts"
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("facts.csv", "subject,prompt,target_new\nGödel,{} spoke,English\n".encode("latin-1"), "not UTF-8"),
+    ("facts.csv", b"name,question\nA,B\n", "lacks the column(s) subject, prompt, target_new"),
+    ("facts.json", b"[{", "not valid JSON"),
+])
+def test_batch_page_explains_a_bad_file(tiny_app, name, data, message):
+    at = app().switch_page("app_pages/batch.py").run()
+    upload(at, name, data)
+    assert not at.exception
+    assert any(message in e.value for e in at.error), [e.value for e in at.error]
+    assert at.button(key="run_batch").disabled
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "counterfact").is_dir(), reason="shared CounterFact data not present")
+def test_batch_page_samples_counterfact(tiny_app):
+    at = app().switch_page("app_pages/batch.py").run()
+    at.number_input(key="batch_n").set_value(3)
+    at.segmented_control(key="batch_algorithm").set_value("memit")
+    at.button(key="run_batch").click().run()
+    assert not at.exception and not at.error
+    assert session_of(at, tiny_app).records[0].label == "MEMIT batch of 3 facts"
+    assert len(at.dataframe[0].value) == 3
+
+
+def test_learn_page_before_and_after_an_edit(tiny_app):
+    at = app().switch_page("app_pages/learn.py").run()
+    assert not at.exception and len(at.latex) >= 5
+    assert any("Apply an edit" in i.value for i in at.info)
+    at.switch_page("app_pages/edit.py").run()
+    apply_edit(at)
+    at.switch_page("app_pages/learn.py").run()
+    assert not at.exception
+    assert {"learn_keys", "learn_residuals", "learn_singular", "learn_residual_norms", "learn_spectrum"} <= set(
+        charts(at))
+    assert any("numerical rank **1**" in m.value for m in at.markdown)

@@ -1,0 +1,230 @@
+"""Sessions sharing one model (emmet_core.workspace) and the readers the app runs on them,
+on tiny random models: isolation, exact replay, undo/reset, bad input, export, batch and
+comparison runs."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from conftest import make_model, make_tokenizer, same_weights, weights_of
+
+from emmet_core import Editor, score_targets
+from emmet_core.anatomy import pictures
+from emmet_core.checks import FactChecks, compare, edit_fact, record_for, run_batch
+from emmet_core.errors import InvalidRequestError, UnsupportedModelError
+from emmet_core.models import prepare
+from emmet_core.request import EditRequest
+from emmet_core.workspace import EditRecord, Session, SharedModel
+
+DARRIEUX = EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English", "French")
+ROCARD = EditRequest("{} is a native speaker of", "Michel Rocard", "German", "French")
+TOKO = EditRequest("{} plays the", "Toko Yasuda", "piano", "guitar")
+
+
+def tiny_loaded(tokenizer):
+    return prepare(make_model("llama", len(tokenizer)), tokenizer, "tiny-llama", "cpu")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer("bpe")
+
+
+@pytest.fixture
+def shared(tokenizer, isolated_cache, corpus_file):
+    shared = SharedModel(tiny_loaded(tokenizer))
+    shared.corpus = corpus_file
+    return shared
+
+
+def hp(session: Session, algorithm: str, corpus, layers=None):
+    layers = layers or ((1, 2) if algorithm == "memit" else (2,))
+    return session.hparams(algorithm, layers=layers, v_num_grad_steps=8, context_templates=((3, 2),),
+                           stats_corpus=str(corpus), stats_tokens=3000)
+
+
+def p_new(loaded, request: EditRequest) -> float:
+    return score_targets(loaded, [request.text], [request.target_new])[0].prob
+
+
+def view(session: Session) -> dict[str, torch.Tensor]:
+    return session.run(lambda loaded: weights_of(loaded.model))
+
+
+def test_two_sessions_never_see_each_others_edits(shared):
+    original = weights_of(shared.loaded.model)
+    a, b = Session(shared), Session(shared)
+    p_before = b.run(lambda loaded: p_new(loaded, DARRIEUX))
+    a.edit([DARRIEUX], "rome", hparams=hp(a, "rome", shared.corpus))
+    assert same_weights(shared.loaded.model, original)  # at rest the model is always original
+    seen_by_a = view(a)
+    assert not torch.equal(seen_by_a["model.layers.2.mlp.down_proj.weight"],
+                           original["model.layers.2.mlp.down_proj.weight"])
+    assert b.run(lambda loaded: same_weights(loaded.model, original))
+    assert b.run(lambda loaded: p_new(loaded, DARRIEUX)) == p_before
+    assert a.run(lambda loaded: p_new(loaded, DARRIEUX)) != p_before
+    b.edit([TOKO], "emmet", hparams=hp(b, "emmet", shared.corpus, layers=(1,)))
+    assert a.run(lambda loaded: same_weights(loaded.model, seen_by_a))  # B's edit is not in A's view
+    assert b.run(lambda loaded: torch.equal(loaded.model.model.layers[2].mlp.down_proj.weight,
+                                            original["model.layers.2.mlp.down_proj.weight"]))
+    assert [len(a.records), len(b.records)] == [1, 1]
+    assert same_weights(shared.loaded.model, original)
+
+
+def test_concurrent_sessions_wait_for_each_other(shared):
+    """Two threads edit at once; the lock serialises them and each keeps only its edit."""
+    original = weights_of(shared.loaded.model)
+    sessions = [Session(shared), Session(shared)]
+    hps = [hp(sessions[0], "rome", shared.corpus), hp(sessions[1], "rome", shared.corpus)]
+    waited: list[int] = []
+    errors: list[BaseException] = []
+
+    def work(i: int, request: EditRequest) -> None:
+        try:
+            for _ in range(2):
+                sessions[i].edit([request], "rome", hparams=hps[i], on_wait=lambda: waited.append(i))
+                sessions[i].undo()
+            sessions[i].edit([request], "rome", hparams=hps[i], on_wait=lambda: waited.append(i))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(0, DARRIEUX)), threading.Thread(target=work, args=(1, ROCARD))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    alone = Session(shared)
+    alone.edit([DARRIEUX], "rome", hparams=hps[0])
+    assert torch.equal(view(sessions[0])["model.layers.2.mlp.down_proj.weight"],
+                       view(alone)["model.layers.2.mlp.down_proj.weight"])
+    assert not torch.equal(view(sessions[1])["model.layers.2.mlp.down_proj.weight"],
+                           view(alone)["model.layers.2.mlp.down_proj.weight"])
+    assert same_weights(shared.loaded.model, original)
+
+
+def test_a_session_replays_to_the_editors_weights_bit_for_bit(shared, tokenizer):
+    """Writing a session (original + its deltas in order) gives exactly what an Editor
+    applying the same edits to its own copy of the model produces."""
+    session = Session(shared)
+    plain = Editor(tiny_loaded(tokenizer))
+    for algorithm, request in (("rome", DARRIEUX), ("memit", ROCARD), ("emmet", TOKO)):
+        settings = hp(session, algorithm, shared.corpus)
+        session.edit([request], algorithm, hparams=settings)
+        plain.apply([request], hparams=settings)
+        assert not session.records[-1].pinned
+        assert session.run(lambda loaded: same_weights(loaded.model, weights_of(plain.loaded.model))), algorithm
+
+
+def test_a_replay_that_would_round_differently_keeps_the_exact_weights(shared):
+    session = Session(shared)
+    session.edit([DARRIEUX], "rome", hparams=hp(session, "rome", shared.corpus))
+    adapter = shared.loaded.adapter
+    delta = torch.full_like(adapter.matrix(2), 1e-3)
+    record = EditRecord("nudged", "rome", [], [(2, delta)])
+    with shared.locked():
+        shared._write(session.records)
+        adapter.add_delta(2, delta)
+        with torch.no_grad():  # as if the Editor had rounded one element differently
+            adapter.weight(2).view(-1)[0] = torch.nextafter(adapter.weight(2).view(-1)[0], torch.tensor(1.0))
+        made = adapter.weight(2).detach().clone()
+        session._check_replay(record)
+        shared._restore()
+    assert set(record.pinned) == {2}
+    session.records.append(record)
+    assert session.run(lambda loaded: torch.equal(loaded.model.model.layers[2].mlp.down_proj.weight, made))
+
+
+def test_undo_and_reset(shared):
+    original = weights_of(shared.loaded.model)
+    session = Session(shared)
+    session.edit([DARRIEUX], "rome", hparams=hp(session, "rome", shared.corpus))
+    after_first = view(session)
+    session.edit([TOKO], "emmet", hparams=hp(session, "emmet", shared.corpus, layers=(1,)))
+    assert session.undo().algorithm == "emmet"
+    assert session.run(lambda loaded: same_weights(loaded.model, after_first))
+    session.reset()
+    assert session.run(lambda loaded: same_weights(loaded.model, original)) and session.records == []
+    with pytest.raises(InvalidRequestError, match="nothing to undo"):
+        session.undo()
+
+
+BAD = {
+    "conflicting objects": ([DARRIEUX, EditRequest(DARRIEUX.prompt, DARRIEUX.subject, "German", "French")], {},
+                            InvalidRequestError, "conflicting edits"),
+    "subject not in prompt": ([{"prompt": "The mother tongue of Michel Rocard is", "subject": "Danielle Darrieux",
+                                "target_new": "English"}], {}, InvalidRequestError, "does not occur"),
+    "layer out of range": ([DARRIEUX], {"layers": (9,)}, UnsupportedModelError, r"layers 0\.\.3"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_changes_nothing(shared, case):
+    batch, settings, error, message = BAD[case]
+    session = Session(shared)
+    session.edit([TOKO], "emmet", hparams=hp(session, "emmet", shared.corpus, layers=(1,)))
+    mine, original = view(session), weights_of(shared.loaded.model)
+    with pytest.raises(error, match=message):
+        session.edit(batch, "emmet", hparams=hp(session, "emmet", shared.corpus).replace(**settings))
+    assert len(session.records) == 1 and session.run(lambda loaded: same_weights(loaded.model, mine))
+    assert same_weights(shared.loaded.model, original)
+
+
+def test_edit_report_log_and_export(shared, tmp_path):
+    session = Session(shared)
+    checks = FactChecks(["Danielle Darrieux grew up speaking"], [("The mother tongue of Michel Rocard is", None)],
+                        gen_tokens=8)
+    phases: list[str] = []
+    report = edit_fact(session, DARRIEUX, checks, "rome", hp(session, "rome", shared.corpus), on_phase=phases.append)
+    assert phases[:3] == ["stats", "templates", "prepare"] and {"keys", "values", "solve", "after"} <= set(phases)
+    assert report.after.rewrite.p_new != report.before.rewrite.p_new
+    assert checks.neighbours[0][1]  # the neighbour's object is the model's own answer, fixed before the edit
+    assert report.after.neighbours[0].true == report.before.neighbours[0].true == checks.neighbours[0][1]
+    assert len(report.before.texts) == len(report.after.texts) == 2
+    log = json.loads(session.log_json())
+    assert log["model"] == "tiny-llama" and log["edits"][0]["summary"]["p_new"][1] == report.after.rewrite.p_new
+    assert log["edits"][0]["layers"] == [2] and log["edits"][0]["requests"][0]["target_new"] == "English"
+    path = session.save_pretrained(tmp_path / "edited")
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(path)
+    assert same_weights(reloaded, view(session))
+    shot = pictures(session.records[-1].results)[0]
+    assert shot.rank == 1 and shot.layer == 2
+    assert float(shot.residual_after[0]) < 1e-3 * float(shot.residual_before[0])  # ROME hits v* exactly
+
+
+def test_batch_run_is_one_undoable_record(shared):
+    session = Session(shared)
+    records = [record_for(r, [f"Indeed, {r.text}"], [("The mother tongue of Michel Rocard is", "French")], i)
+               for i, r in enumerate([DARRIEUX, TOKO])]
+    chunks: list[tuple[int, int]] = []
+    report = run_batch(session, records, "emmet", hp(session, "emmet", shared.corpus), chunk_size=1,
+                       on_chunk=lambda i, n: chunks.append((i, n)))
+    assert chunks == [(1, 2), (2, 2)] and len(session.records) == 1 and len(report.record.results) == 2
+    assert {"ES", "PS", "NS", "S"} <= set(report.after[0]) and report.summary_before.keys() >= {"ES", "S"}
+    assert report.rows()[1]["prompt"] == TOKO.text
+    session.undo()
+    assert session.records == []
+
+
+def test_compare_starts_every_editor_from_the_original_weights(shared):
+    original = weights_of(shared.loaded.model)
+    session = Session(shared)
+    session.edit([DARRIEUX], "rome", hparams=hp(session, "rome", shared.corpus))
+    mine = view(session)
+    records = [record_for(EditRequest(DARRIEUX.prompt, DARRIEUX.subject, "German"), [], [])]
+    settings = {a: hp(session, a, shared.corpus) for a in ("rome", "memit", "emmet")}
+    settings["memit"] = settings["memit"].replace(layers=(9,))  # one editor fails, the others still run
+    rows = compare(shared, records, ["rome", "memit", "emmet"], settings)
+    assert [r.algorithm for r in rows] == ["unedited", "rome", "memit", "emmet"]
+    assert "out of range" in rows[2].error and rows[1].error is None and rows[3].layers == [2]
+    # The unedited row reads the original model, not the session's edit (which made German less likely).
+    assert rows[0].p_new[0] == Session(shared).run(lambda loaded: score_targets(
+        loaded, [DARRIEUX.text], ["German"])[0].prob)
+    assert rows[1].p_new[0] != rows[0].p_new[0] and rows[1].delta_norm > 0
+    assert session.run(lambda loaded: same_weights(loaded.model, mine)) and len(session.records) == 1
+    assert same_weights(shared.loaded.model, original)
