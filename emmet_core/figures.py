@@ -24,7 +24,8 @@ SCORES = ("ES", "PS", "NS", "S")
 
 
 def _layout(fig: go.Figure, title: str, height: int = 330, **extra: object) -> go.Figure:
-    fig.update_layout(title={"text": title, "x": 0, "xanchor": "left", "font": {"size": 15}},
+    fig.update_layout(title={"text": title, "x": 0, "xanchor": "left", "y": 1, "yref": "container",
+                             "yanchor": "top", "pad": {"t": 12}, "font": {"size": 15}},
                       height=height, margin={"l": 10, "r": 10, "t": 50, "b": 10}, template="plotly_white",
                       legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1},
                       **extra)

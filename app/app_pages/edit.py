@@ -23,23 +23,32 @@ def load_example() -> None:
             state.subject, state.prompt, state.target_new = (example[k] for k in ("subject", "prompt", "target_new"))
 
 
-def prefill(session: Session) -> None:
+def prefill(session: Session) -> dict[str, object]:
     """The old object is what the model says now; paraphrases and neighbours are
-    suggested once per (subject, relation), then left to the user."""
+    suggested once per (subject, relation), then left to the user.
+
+    Returns the keys to mark as done once the widgets are drawn: a run that is
+    interrupted (the user typed on) before that must fill them in again, or the
+    browser's stale values would win."""
     try:
         request = EditRequest(state.prompt, state.subject, "?")
     except EditError:
-        return
+        return {}
+    done: dict[str, object] = {}
     answer_key = (session.id, session.version, request.text)
     if state.get("_answer_for") != answer_key:
-        with common.readable_errors("Reading the model's answer"):
-            state.target_true = session.answer([request.text])[0]
-        state._answer_for = answer_key
+        answers = state.setdefault("_answers", {})
+        if answer_key not in answers:
+            with common.readable_errors("Reading the model's answer"):
+                answers[answer_key] = session.answer([request.text])[0]
+        state.target_true = answers.get(answer_key, state.get("target_true", ""))
+        done["_answer_for"] = answer_key
     suggest_key = (request.subject, request.prompt)
     if state.get("_suggested_for") != suggest_key:
         paraphrases, neighbours = common.suggestions(request.subject, request.prompt, state.get("target_true"))
         state.paraphrases, state.neighbours = "\n".join(paraphrases), format_neighbours(neighbours)
-        state._suggested_for = suggest_key
+        done["_suggested_for"] = suggest_key
+    return done
 
 
 def resuggest() -> None:
@@ -55,7 +64,7 @@ def fact_inputs(session: Session) -> None:
     middle.text_input("Relation prompt", key="prompt", placeholder="The mother tongue of {} is",
                       help="Put {} where the subject goes, or write a sentence that contains the subject.")
     right.text_input("New object", key="target_new", placeholder="English")
-    prefill(session)
+    done = prefill(session)
     left, middle, right = st.columns([2, 3, 2])
     left.text_input("Old object (the model's answer now)", key="target_true",
                     help="Filled in with what the model says; change it if you mean another old object.")
@@ -70,6 +79,7 @@ def fact_inputs(session: Session) -> None:
     right.text_area("Neighbours: other subjects, same relation (prompt | their object)", key="neighbours",
                     height=120, help="These facts should stay as they are. Leave out '| object' to use the "
                                      "model's own answer.")
+    state.update(done)
     st.button("Suggest paraphrases and neighbours again", on_click=resuggest, type="tertiary",
               icon=":material/refresh:")
 

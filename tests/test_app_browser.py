@@ -1,0 +1,120 @@
+"""End to end in a real browser: `streamlit run` on localhost, Debian's Chromium driven by
+Playwright, the default model. Types a fact, applies ROME, waits for the charts and saves
+a screenshot to tests/artifacts/ (ignored by git) for a person to look at."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium, installed with apt when missing and allowed (root)."""
+    if not CHROMIUM.exists() and shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+        if subprocess.run(install, env=env, capture_output=True, timeout=1200).returncode != 0:
+            subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=600)
+            subprocess.run(install, env=env, capture_output=True, timeout=1200)
+    if not CHROMIUM.exists():
+        pytest.fail("the browser test drives Debian's Chromium at /usr/bin/chromium: install it with "
+                    "'sudo apt-get install -y chromium' (Playwright's own browser download is not used)")
+    return str(CHROMIUM)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`streamlit run` on a free localhost port, stopped after the module."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("streamlit") / "server.log").open("w")
+    env = {k: v for k, v in os.environ.items() if k != "EMMET_MODEL"}
+    command = [sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py", "--server.headless", "true",
+               "--server.address", "localhost", "--server.port", str(port)]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://localhost:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.read() == b"ok":
+                        break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"streamlit did not start (see {log.name})")
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def full_page_screenshot(page, path: Path) -> None:
+    """Streamlit scrolls inside its main block: grow the window to the content first."""
+    height = page.evaluate("document.querySelector('[data-testid=\"stMain\"]').scrollHeight")
+    page.set_viewport_size({"width": 1400, "height": height + 40})
+    page.wait_for_timeout(1500)  # let the charts redraw at the new size
+    page.screenshot(path=str(path), full_page=True)
+
+
+def test_type_a_fact_apply_rome_and_see_the_charts(server, chromium):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(server)
+            apply = page.get_by_role("button", name="Apply edit with ROME")
+            apply.wait_for(timeout=180_000)  # the model loads on the first visit
+            for label, value in (("Subject", "Eiffel Tower"), ("Relation prompt", "The {} is located in the city of"),
+                                 ("New object", "Rome")):
+                box = page.get_by_role("textbox", name=label, exact=True)
+                box.fill(value)
+                box.press("Enter")  # commits the value (Tab would open the next field's help tooltip)
+            old = page.get_by_role("textbox", name="Old object (the model's answer now)")
+            expect(old).to_have_value("Paris", timeout=120_000)  # pre-filled with the model's answer
+            paraphrases = page.get_by_role("textbox", name="Paraphrases (one per line)")
+            expect(paraphrases).to_have_value(re.compile("The Eiffel Tower is in"))
+            page.mouse.click(1200, 960)  # a blank spot: nothing focused, no tooltip
+            page.mouse.move(0, 0)
+            page.screenshot(path=str(ARTIFACTS / "edit-page-filled.png"))
+            apply.click()
+            expect(page.get_by_text("Probability on the prompt")).to_be_visible(timeout=600_000)
+            expect(page.get_by_text("The Eiffel Tower is located in the city of … Paris → Rome")).to_be_visible()
+            expect(page.locator(".js-plotly-plot")).to_have_count(6, timeout=30_000)
+            assert page.get_by_text("Traceback").count() == 0
+            probability = page.get_by_test_id("stMetric").filter(has_text="P(Rome)")
+            value = probability.get_by_test_id("stMetricValue").inner_text()
+            assert value.endswith("%") and float(value[:-1]) > 50, value
+            full_page_screenshot(page, ARTIFACTS / "edit-page-after-rome.png")
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "edit-page-after-rome.png").stat().st_size > 50_000
