@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run demo test test-fast lint bench clean
+.PHONY: setup run demo test test-fast test-app lint bench clean
 
 setup: $(STAMP)
 
@@ -16,9 +16,13 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-# Until the Streamlit app lands, the main job is a demo edit on the default offline model.
-run: demo
+# The app on the default offline model, on this machine only (PORT=8502 make run to move it).
+PORT ?= 8501
+run: setup
+	$(BIN)/streamlit run app/streamlit_app.py --server.headless true --server.address localhost \
+		--server.port $(PORT)
 
+# One edit from the command line, without the app.
 demo: setup
 	$(BIN)/emmet edit --model smollm2-135m --algo rome \
 		--prompt "The mother tongue of {} is" --subject "Danielle Darrieux" --target English
@@ -30,6 +34,9 @@ test: setup
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
 
+test-app: setup
+	$(BIN)/pytest -q tests/test_app_*.py
+
 lint: setup
 	$(BIN)/ruff check .
 
@@ -37,4 +44,4 @@ bench: setup
 	$(BIN)/python bench/edit_latency.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache tests/artifacts
+	rm -rf $(VENV) .pytest_cache .ruff_cache tests/artifacts exports
