@@ -24,7 +24,7 @@ from .data import BadRecordError, EvalRecord, parse_records
 from .errors import EditError
 from .request import EditRequest
 
-MAX_BYTES = 5 * 1024 * 1024
+MAX_BYTES = 5 * 2**20
 MAX_FACTS = 1000
 REQUIRED = ("subject", "prompt", "target_new")
 ALIASES = {
@@ -56,7 +56,7 @@ def parse_upload(name: str, data: bytes, max_bytes: int = MAX_BYTES, max_facts: 
     if suffix not in (".csv", ".json", ".jsonl"):
         raise UploadError(f"{name}: upload a .csv, .json or .jsonl file (got {suffix or 'no extension'})")
     if len(data) > max_bytes:
-        raise UploadError(f"{name} is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB")
+        raise UploadError(f"{name} is {len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.1f} MB")
     if not data.strip():
         raise UploadError(f"{name} is empty")
     try:

@@ -225,6 +225,7 @@ class Session:
         before: Reader | None = None,
         after: Reader | None = None,
         keep: bool = True,
+        cache_values: bool = False,
         label: str | None = None,
         on_phase: PhaseCallback | None = None,
         on_chunk: Callable[[int, int], None] | None = None,
@@ -234,8 +235,10 @@ class Session:
 
         ``before``/``after`` get the model and the checked requests (old objects filled
         in). ``chunk_size`` applies the facts in consecutive batches (sequentially, all
-        kept). ``keep=False`` tries the edit and forgets it. Any error leaves the session
-        and the shared model as they were."""
+        kept). ``keep=False`` tries the edit and forgets it. ``cache_values`` lets v*
+        come from (and go to) the disk cache while the weights are the original ones:
+        faster repeats, but the times shown are then not the cost of an edit. Any error
+        leaves the session and the shared model as they were."""
         hp = hparams if hparams is not None else self.hparams(algorithm)
         shared, editor = self.shared, self.shared.editor
         phase = on_phase or (lambda name: None)
@@ -248,7 +251,7 @@ class Session:
                 prepared = editor.prepare(requests, refuse_current)
                 phase("before")
                 seen_before = before(shared.loaded, prepared) if before is not None else None
-                record = self._apply(prepared, hp, chunk_size, label, on_chunk)
+                record = self._apply(prepared, hp, chunk_size, label, on_chunk, cache_values)
                 phase("after")
                 seen_after = after(shared.loaded, prepared) if after is not None else None
             finally:
@@ -261,14 +264,14 @@ class Session:
         return Outcome(record, seen_before, seen_after)
 
     def _apply(self, prepared: list[EditRequest], hp: HParams, chunk_size: int | None, label: str | None,
-               on_chunk: Callable[[int, int], None] | None) -> EditRecord:
+               on_chunk: Callable[[int, int], None] | None, cache_values: bool) -> EditRecord:
         size = chunk_size or len(prepared)
         chunks = [prepared[i : i + size] for i in range(0, len(prepared), size)]
         results = []
         for index, chunk in enumerate(chunks):
-            # v* computed on the original weights may come from (and go to) the disk cache.
-            original = index == 0 and not self.records
-            results.append(self.shared.editor.apply(chunk, hparams=hp, refuse_current=False, cache_values=original))
+            original = index == 0 and not self.records  # the cache holds v* of the original weights only
+            results.append(self.shared.editor.apply(chunk, hparams=hp, refuse_current=False,
+                                                    cache_values=cache_values and original))
             self.shared.editor.history.clear()
             if on_chunk is not None:
                 on_chunk(index + 1, len(chunks))

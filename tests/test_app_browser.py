@@ -50,6 +50,7 @@ def server(tmp_path_factory):
     port = free_port()
     log = (tmp_path_factory.mktemp("streamlit") / "server.log").open("w")
     env = {k: v for k, v in os.environ.items() if k != "EMMET_MODEL"}
+    env.setdefault("OMP_NUM_THREADS", "1")  # on a busy 2-core machine a second thread only spins
     command = [sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py", "--server.headless", "true",
                "--server.address", "localhost", "--server.port", str(port)]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -12,6 +12,8 @@ from streamlit.testing.v1 import AppTest
 
 from emmet_core import score_targets
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 APP = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
 CSV = ("subject,prompt,target_new,target_true,paraphrase,neighbour_prompt,neighbour_target\n"
        "Danielle Darrieux,The mother tongue of {} is,English,French,Danielle Darrieux grew up speaking,"
@@ -213,3 +215,14 @@ def test_learn_page_before_and_after_an_edit(tiny_app):
     assert {"learn_keys", "learn_residuals", "learn_singular", "learn_residual_norms", "learn_spectrum"} <= set(
         charts(at))
     assert any("numerical rank **1**" in m.value for m in at.markdown)
+
+
+def test_a_model_that_cannot_load_gets_a_message(tiny_app, tmp_path):
+    at = app()
+    at.selectbox(key="model_choice").set_value("Other: a hub id or a local path").run()
+    at.text_input(key="model_other").set_value(str(tmp_path / "no-such-model")).run()
+    assert not at.exception
+    assert any("cannot load model" in e.value for e in at.sidebar.error), [e.value for e in at.sidebar.error]
+    assert any("Choose a model" in i.value for i in at.info)
+    at.text_input(key="model_other").set_value(tiny_app["name"]).run()
+    assert not at.exception and at.button(key="apply")

@@ -4,8 +4,10 @@ comparison runs."""
 
 from __future__ import annotations
 
+import io
 import json
 import threading
+import zipfile
 
 import pytest
 import torch
@@ -18,6 +20,8 @@ from emmet_core.errors import InvalidRequestError, UnsupportedModelError
 from emmet_core.models import prepare
 from emmet_core.request import EditRequest
 from emmet_core.workspace import EditRecord, Session, SharedModel
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 DARRIEUX = EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English", "French")
 ROCARD = EditRequest("{} is a native speaker of", "Michel Rocard", "German", "French")
@@ -192,6 +196,8 @@ def test_edit_report_log_and_export(shared, tmp_path):
 
     reloaded = AutoModelForCausalLM.from_pretrained(path)
     assert same_weights(reloaded, view(session))
+    with zipfile.ZipFile(io.BytesIO(session.export_zip())) as archive:
+        assert {"model/model.safetensors", "model/config.json"} <= set(archive.namelist())
     shot = pictures(session.records[-1].results)[0]
     assert shot.rank == 1 and shot.layer == 2
     assert float(shot.residual_after[0]) < 1e-3 * float(shot.residual_before[0])  # ROME hits v* exactly
@@ -228,3 +234,17 @@ def test_compare_starts_every_editor_from_the_original_weights(shared):
     assert rows[1].p_new[0] != rows[0].p_new[0] and rows[1].delta_norm > 0
     assert session.run(lambda loaded: same_weights(loaded.model, mine)) and len(session.records) == 1
     assert same_weights(shared.loaded.model, original)
+
+
+def test_value_cache_is_used_only_on_the_original_weights(shared, isolated_cache):
+    session = Session(shared)
+    settings = hp(session, "rome", shared.corpus)
+    session.edit([DARRIEUX], "rome", hparams=settings, cache_values=True)
+    cached = sorted((isolated_cache / "values").rglob("*.safetensors"))
+    assert len(cached) == 1
+    first = view(session)
+    session.undo()
+    session.edit([DARRIEUX], "rome", hparams=settings, cache_values=True)
+    assert session.run(lambda loaded: same_weights(loaded.model, first))
+    session.edit([TOKO], "rome", hparams=settings, cache_values=True)  # on edited weights: computed afresh
+    assert sorted((isolated_cache / "values").rglob("*.safetensors")) == cached

@@ -110,7 +110,8 @@ def render(report: BatchReport) -> None:
     for column, metric in zip(columns, ("ES", "PS", "NS", "S", "GE")):
         if metric in post:
             unit = " bits" if metric == "GE" else ""
-            column.metric(metric, f"{post[metric]:.1f}{unit}", f"{post[metric] - pre.get(metric, 0.0):+.1f}")
+            change = post[metric] - pre.get(metric, 0.0)
+            column.metric(metric, f"{post[metric]:.1f}{unit}", f"{change:+.1f}" if abs(change) >= 0.05 else None)
     left, right = st.columns([1, 1])
     left.plotly_chart(figures.summary_chart(pre, post), key="batch_summary")
     labels = [f"{r.request.subject} → {r.request.target_new}" for r in report.records]

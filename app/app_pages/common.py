@@ -114,6 +114,10 @@ def session() -> Session | None:
     except EditError as exc:
         st.sidebar.error(str(exc))
         return None
+    except Exception as exc:  # e.g. a hub id while offline: say which model and why
+        log.exception("loading %s failed", name)
+        st.sidebar.error(f"cannot load model {name!r}: {type(exc).__name__}: {exc}")
+        return None
     sessions: dict[str, Session] = st.session_state["sessions"]
     current = sessions.get(name)
     if current is None:
