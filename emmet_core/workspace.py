@@ -32,7 +32,7 @@ from uuid import uuid4
 import torch
 
 from .editor import Editor, EditResult, RequestLike
-from .errors import InvalidRequestError
+from .errors import EditError, InvalidRequestError
 from .hparams import HParams
 from .models import LoadedModel
 from .probe import greedy_answer
@@ -43,6 +43,10 @@ from .templates import context_templates
 T = TypeVar("T")
 PhaseCallback = Callable[[str], None]
 Reader = Callable[[LoadedModel, list[EditRequest]], Any]
+
+
+class ModelBusyError(EditError):
+    """Another session holds the model longer than the caller wanted to wait."""
 
 
 @dataclass
@@ -116,12 +120,14 @@ class SharedModel:
         self._covariances: dict[tuple, torch.Tensor] = {}  # C0 on the CPU, as the Editor uses it
 
     @contextmanager
-    def locked(self, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-        """Hold the model; ``on_wait`` is called once if another session has it."""
+    def locked(self, on_wait: Callable[[], None] | None = None, timeout: float | None = None) -> Iterator[None]:
+        """Hold the model; ``on_wait`` is called once if another session has it, and
+        after ``timeout`` seconds of waiting :class:`ModelBusyError` is raised."""
         if not self.lock.acquire(blocking=False):
             if on_wait is not None:
                 on_wait()
-            self.lock.acquire()
+            if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
+                raise ModelBusyError("the model is busy with another session's edit; try again in a moment")
         try:
             yield
         finally:
@@ -193,23 +199,25 @@ class Session:
         return self.shared.loaded
 
     @contextmanager
-    def active(self, on_wait: Callable[[], None] | None = None) -> Iterator[LoadedModel]:
+    def active(self, on_wait: Callable[[], None] | None = None,
+               timeout: float | None = None) -> Iterator[LoadedModel]:
         """The shared model holding this session's weights, for as long as the block runs."""
-        with self.shared.locked(on_wait):
+        with self.shared.locked(on_wait, timeout):
             self.shared._write(self.records)
             try:
                 yield self.shared.loaded
             finally:
                 self.shared._restore()
 
-    def run(self, work: Callable[[LoadedModel], T], on_wait: Callable[[], None] | None = None) -> T:
+    def run(self, work: Callable[[LoadedModel], T], on_wait: Callable[[], None] | None = None,
+            timeout: float | None = None) -> T:
         """``work(loaded)`` on this session's model (reading only: writes are undone)."""
-        with self.active(on_wait) as loaded:
+        with self.active(on_wait, timeout) as loaded:
             return work(loaded)
 
-    def answer(self, prompts: list[str]) -> list[str]:
+    def answer(self, prompts: list[str], timeout: float | None = None) -> list[str]:
         """What this session's model says after each prompt (its greedy answer)."""
-        return self.run(lambda loaded: greedy_answer(loaded, prompts))
+        return self.run(lambda loaded: greedy_answer(loaded, prompts), timeout=timeout)
 
     def hparams(self, algorithm: str, **overrides: object) -> HParams:
         return self.shared.editor.hparams(algorithm, **overrides)

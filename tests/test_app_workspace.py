@@ -248,3 +248,17 @@ def test_value_cache_is_used_only_on_the_original_weights(shared, isolated_cache
     assert session.run(lambda loaded: same_weights(loaded.model, first))
     session.edit([TOKO], "rome", hparams=settings, cache_values=True)  # on edited weights: computed afresh
     assert sorted((isolated_cache / "values").rglob("*.safetensors")) == cached
+
+
+def test_a_reader_that_will_not_wait_is_told_the_model_is_busy(shared):
+    from emmet_core.workspace import ModelBusyError
+
+    session = Session(shared)
+    waited: list[bool] = []
+    with shared.locked():  # another session's long edit
+        with pytest.raises(ModelBusyError, match="busy"):
+            session.answer(["The mother tongue of Danielle Darrieux is"], timeout=0.05)
+        with pytest.raises(ModelBusyError):
+            session.run(lambda loaded: None, on_wait=lambda: waited.append(True), timeout=0.05)
+    assert waited == [True]
+    assert session.answer(["The mother tongue of Danielle Darrieux is"], timeout=0.05)  # free again

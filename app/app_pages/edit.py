@@ -9,7 +9,7 @@ from emmet_core import figures
 from emmet_core.checks import EditReport, FactChecks, edit_fact, format_neighbours, parse_lines, parse_neighbours
 from emmet_core.errors import EditError
 from emmet_core.request import EditRequest
-from emmet_core.workspace import Session, parse_layers
+from emmet_core.workspace import ModelBusyError, Session, parse_layers
 
 ALGORITHMS = {"rome": "ROME", "memit": "MEMIT", "emmet": "EMMET"}
 state = st.session_state
@@ -39,10 +39,15 @@ def prefill(session: Session) -> dict[str, object]:
     if state.get("_answer_for") != answer_key:
         answers = state.setdefault("_answers", {})
         if answer_key not in answers:
-            with common.readable_errors("Reading the model's answer"):
-                answers[answer_key] = session.answer([request.text])[0]
-        state.target_true = answers.get(answer_key, state.get("target_true", ""))
-        done["_answer_for"] = answer_key
+            try:
+                answers[answer_key] = session.answer([request.text], timeout=3)[0]
+            except ModelBusyError:
+                st.caption("Another session is editing: the model's answer is filled in when it is free.")
+            except EditError as exc:
+                st.error(f"Reading the model's answer: {exc}")
+        if answer_key in answers:
+            state.target_true = answers[answer_key]
+            done["_answer_for"] = answer_key
     suggest_key = (request.subject, request.prompt)
     if state.get("_suggested_for") != suggest_key:
         paraphrases, neighbours = common.suggestions(request.subject, request.prompt, state.get("target_true"))
