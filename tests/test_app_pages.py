@@ -78,6 +78,23 @@ def test_edit_page_applies_an_edit_and_shows_every_chart(tiny_app):
     assert same_weights(session.shared.loaded.model, tiny_app["weights"])  # shared weights stay original
 
 
+@pytest.mark.parametrize("algorithm, layers", [("memit", "1-2"), ("emmet", "2")])
+def test_edit_page_with_memit_and_emmet_and_their_settings(tiny_app, algorithm, layers):
+    at = app()
+    at.segmented_control(key="algorithm").set_value(algorithm).run()
+    prefix = f"hp.{tiny_app['name']}.{algorithm}."
+    at.text_input(key=prefix + "layers").set_value(layers)
+    at.number_input(key=prefix + "mom2").set_value(2.0)
+    at.number_input(key=prefix + "steps").set_value(6)
+    assert at.button(key="apply").label == f"Apply edit with {algorithm.upper()}"
+    apply_edit(at)
+    assert not at.exception and not at.error
+    record = session_of(at, tiny_app).records[0]
+    settings = record.results[0].hparams
+    assert (settings.algorithm, settings.mom2_update_weight, settings.v_num_grad_steps) == (algorithm, 2.0, 6)
+    assert record.layers == ([1, 2] if algorithm == "memit" else [2])
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("prompt", "The mother tongue of Michel Rocard is", "does not occur in prompt"),
     ("target_new", "  ", "target_new is empty"),
