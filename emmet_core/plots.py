@@ -22,8 +22,19 @@ def load_summaries(directories: list[Path]) -> list[dict]:
             path = directory / "progress.json"  # a run still going (or interrupted): its records so far
         if not path.is_file():
             raise EditError(f"no summary.json in {directory}")
-        summaries.append(json.loads(path.read_text()))
+        summary = json.loads(path.read_text())
+        records = path.parent / "records.jsonl"
+        if "mean_delta_norm" not in summary and records.is_file():  # summaries written before it was added
+            summary["mean_delta_norm"] = mean_delta_norm(
+                [json.loads(line) for line in records.read_text().splitlines() if line.strip()])
+        summaries.append(summary)
     return summaries
+
+
+def mean_delta_norm(lines: list[dict]) -> float | None:
+    """Mean over chunks of ‖Δ‖_F, all edited layers together, from records.jsonl lines."""
+    per_chunk = {d["chunk"]: sum(v * v for v in d["delta_norms"].values()) ** 0.5 for d in lines if d["delta_norms"]}
+    return sum(per_chunk.values()) / len(per_chunk) if per_chunk else None
 
 
 def results_table(directories: list[Path]) -> str:

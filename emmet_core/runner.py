@@ -23,6 +23,7 @@ from .editor import Editor
 from .errors import EditError
 from .evaluate import score_records, summarise
 from .models import cache_dir
+from .plots import mean_delta_norm
 from .provenance import versions
 
 # Small chunks (ROME's single facts above all) would run the value optimisation on a
@@ -113,7 +114,7 @@ def _write_summary(out: Path, editor: Editor, dataset: Dataset, config: EvalConf
         "data": dataset.name, "n": len(done), "n_planned": len(dataset.records), "complete": complete,
         "skipped": len(dataset.skipped), "batch_size": config.batch_size, "sequential": config.sequential,
         "pre": summarise([d["pre"] for d in done]), "post": summarise([d["post"] for d in done]),
-        "mean_delta_norm": _mean_delta_norm(done), "seconds": seconds, "hparams": hp.to_dict(),
+        "mean_delta_norm": mean_delta_norm(done), "seconds": seconds, "hparams": hp.to_dict(),
         "seed": config.seed, "eval_config": asdict(config),
         "versions": versions(),
     }
@@ -122,12 +123,6 @@ def _write_summary(out: Path, editor: Editor, dataset: Dataset, config: EvalConf
     if complete:
         (out / "progress.json").unlink(missing_ok=True)
     return summary
-
-
-def _mean_delta_norm(done: list[dict]) -> float | None:
-    """Mean over chunks of ‖Δ‖_F, all edited layers together."""
-    per_chunk = {d["chunk"]: sum(v * v for v in d["delta_norms"].values()) ** 0.5 for d in done if d["delta_norms"]}
-    return sum(per_chunk.values()) / len(per_chunk) if per_chunk else None
 
 
 def _prior_seconds(out: Path) -> float:
