@@ -48,8 +48,9 @@ def results_table(directories: list[Path]) -> str:
             (f" | {scores['GE']:.2f}" if "GE" in scores else " | –")
 
     rows = []
-    if summaries:
-        rows.append(f"| unedited | {summaries[0]['n']} | {cells(summaries[0]['pre'])} | – | – |")
+    if summaries:  # the unedited model as measured by the run that covered the most records
+        widest = max(summaries, key=lambda s: s["n"])
+        rows.append(f"| unedited | {widest['n']} | {cells(widest['pre'])} | – | – |")
     for s in summaries:
         label = f"{s['algorithm'].upper()} batch {s['batch_size']}" + (" sequential" if s.get("sequential") else "")
         norm = s.get("mean_delta_norm")
