@@ -82,9 +82,9 @@ def plot_batch_sizes(directories: list[Path], out: Path) -> list[Path]:
                 mode="lines+markers", name=algorithm.upper(), legendgroup=algorithm, showlegend=col == 1,
                 line={"color": colours.get(algorithm)}), row=1, col=col)
     for col, metric in enumerate(PANELS, start=1):
-        pre = [s["pre"][metric] for s in summaries if metric in s["pre"]]
-        if pre:
-            fig.add_hline(y=sum(pre) / len(pre), line_dash="dot", line_color="grey", row=1, col=col)
+        widest = max(summaries, key=lambda s: s["n"]) if summaries else {"pre": {}}
+        if metric in widest["pre"]:
+            fig.add_hline(y=widest["pre"][metric], line_dash="dot", line_color="grey", row=1, col=col)
         fig.update_xaxes(type="log", title_text="batch size", row=1, col=col)
     model = summaries[0]["model"] if summaries else ""
     fig.update_layout(title=f"Editing {model}: metrics against batch size (dotted: unedited)",
