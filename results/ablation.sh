@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/counterfact/counterfact-edit.json}
 EMMET=${EMMET:-.venv/bin/emmet}
 OUT=results/smollm2-135m/ablation
-for lam in 100 1000; do
+for lam in ${LAMBDAS:-1000 100}; do
   dir="$OUT/emmet-b1000-lambda$lam"
   [ -f "$dir/summary.json" ] && { echo "have $dir"; continue; }
   "$EMMET" eval --model smollm2-135m --data "$DATA" --n 1000 --generation-every 10 --seed 0 \
