@@ -72,6 +72,11 @@ def plot_batch_sizes(directories: list[Path], out: Path) -> list[Path]:
     from plotly.subplots import make_subplots
 
     summaries = sorted(load_summaries(directories), key=lambda s: (s["algorithm"], s["batch_size"]))
+    partial = [s for s in summaries if not s.get("complete", True)]
+    for s in partial:  # a point from a fraction of the records would mislead: the table shows it
+        log.warning("not plotted: %s batch %d has %d of %d records", s["algorithm"], s["batch_size"], s["n"],
+                    s["n_planned"])
+    summaries = [s for s in summaries if s not in partial]
     fig = make_subplots(rows=1, cols=len(PANELS), subplot_titles=PANELS)
     colours = {"emmet": "#d62728", "memit": "#1f77b4", "rome": "#2ca02c"}
     for algorithm in sorted({s["algorithm"] for s in summaries}):
