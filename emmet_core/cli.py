@@ -21,20 +21,10 @@ from .provenance import versions
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
-    """"4", "3,4,5", "3-5" or "3 4 5" -> (3, 4, 5)."""
-    if not text:
-        return None
-    layers: list[int] = []
-    try:
-        for part in text.replace(",", " ").split():
-            if "-" in part.strip("-"):
-                low, high = part.split("-")
-                layers.extend(range(int(low), int(high) + 1))
-            else:
-                layers.append(int(part))
-    except ValueError:
-        raise EditError(f"cannot read layers {text!r}; use e.g. 4, 3,4,5 or 3-5") from None
-    return tuple(layers)
+    """``--layers``: None when not given, else :func:`hparams.parse_layers`."""
+    from .hparams import parse_layers as parse
+
+    return parse(text) if text else None
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -129,3 +130,24 @@ def generic_hparams(algorithm: str, num_layers: int) -> HParams:
     clamp = 4.0 if algorithm == "rome" else 0.75
     return HParams(algorithm=algorithm, layers=layers, context_templates=recipe, clamp_norm_factor=clamp,
                    notes="generic fallback, not tuned for this model")
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """Layers as people type them: ``4``, ``2-6``, ``2,4,6``, ``3 4 5`` or ``2-4, 7``."""
+    layers: list[int] = []
+    try:
+        for part in re.split(r"[,\s]+", re.sub(r"\s*-\s*", "-", text.strip())):
+            if not part:
+                continue
+            if "-" in part[1:]:
+                first, last = (int(x) for x in part.split("-", 1))
+                if last < first:
+                    raise ValueError
+                layers.extend(range(first, last + 1))
+            else:
+                layers.append(int(part))
+    except ValueError:
+        raise InvalidRequestError(f"layers {text!r}: write numbers like 4, 2-6 or 2,4,6") from None
+    if not layers:
+        raise InvalidRequestError("no layers given: write numbers like 4, 2-6 or 2,4,6")
+    return tuple(sorted(set(layers)))

@@ -341,24 +341,3 @@ def default_label(algorithm: str, requests: Sequence[EditRequest]) -> str:
     first = requests[0]
     text = f"{algorithm.upper()}: {first.text} → {first.target_new}"
     return text if len(requests) == 1 else f"{text} (+{len(requests) - 1} more)"
-
-
-def parse_layers(text: str) -> tuple[int, ...]:
-    """Layers as people type them: ``4``, ``2-6``, ``2,4,6`` or ``2-4, 7``."""
-    layers: list[int] = []
-    try:
-        for part in text.replace(" ", "").split(","):
-            if not part:
-                continue
-            if "-" in part[1:]:
-                first, last = (int(x) for x in part.split("-", 1))
-                if last < first:
-                    raise ValueError
-                layers.extend(range(first, last + 1))
-            else:
-                layers.append(int(part))
-    except ValueError:
-        raise InvalidRequestError(f"layers {text!r}: write numbers like 4, 2-6 or 2,4,6") from None
-    if not layers:
-        raise InvalidRequestError("no layers given: write numbers like 4, 2-6 or 2,4,6")
-    return tuple(sorted(set(layers)))

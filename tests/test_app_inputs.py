@@ -12,9 +12,9 @@ from emmet_core import figures
 from emmet_core.anatomy import numerical_rank, picture, spectrum
 from emmet_core.checks import CompareRow, Probe, format_neighbours, parse_lines, parse_neighbours
 from emmet_core.errors import InvalidRequestError
+from emmet_core.hparams import parse_layers
 from emmet_core.suggest import RelationIndex, generic_paraphrases, suggest
 from emmet_core.uploads import UploadError, parse_upload
-from emmet_core.workspace import parse_layers
 
 
 def mend(case, subject, prompt, new, true, rephrase, locality, locality_true):

@@ -8,8 +8,9 @@ from app_pages import common
 from emmet_core import figures
 from emmet_core.checks import EditReport, FactChecks, edit_fact, format_neighbours, parse_lines, parse_neighbours
 from emmet_core.errors import EditError
+from emmet_core.hparams import parse_layers
 from emmet_core.request import EditRequest
-from emmet_core.workspace import ModelBusyError, Session, parse_layers
+from emmet_core.workspace import ModelBusyError, Session
 
 ALGORITHMS = {"rome": "ROME", "memit": "MEMIT", "emmet": "EMMET"}
 state = st.session_state
