@@ -37,7 +37,6 @@ from .hparams import HParams
 from .models import LoadedModel
 from .probe import greedy_answer
 from .request import EditRequest
-from .stats import layer_covariances
 from .templates import context_templates
 
 T = TypeVar("T")
@@ -117,7 +116,7 @@ class SharedModel:
         self.editor = Editor(loaded)
         self.lock = threading.Lock()
         self._original: dict[int, torch.Tensor] = {}  # layer -> weight before any edit
-        self._covariances: dict[tuple, torch.Tensor] = {}  # C0 on the CPU, as the Editor uses it
+        self._prepared: set[tuple] = set()  # (layer, stats settings) whose C0 the Editor holds
 
     @contextmanager
     def locked(self, on_wait: Callable[[], None] | None = None, timeout: float | None = None) -> Iterator[None]:
@@ -135,7 +134,7 @@ class SharedModel:
 
     def covariance(self, hp: HParams, layer: int) -> torch.Tensor | None:
         """C0 of ``layer`` as computed for an edit with ``hp`` (None before such an edit)."""
-        return self._covariances.get((layer, hp.stats_corpus, hp.stats_tokens, hp.stats_dtype))
+        return self.editor.covariance(layer, hp) if _stats_key(hp, layer) in self._prepared else None
 
     # -- under the lock only ---------------------------------------------------------------
     def _prepare_layers(self, hp: HParams, on_phase: PhaseCallback | None) -> None:
@@ -147,14 +146,12 @@ class SharedModel:
             adapter.check_layer(layer)
             if layer not in self._original:
                 self._original[layer] = adapter.weight(layer).detach().clone()
-        missing = [layer for layer in hp.layers if self.covariance(hp, layer) is None]
-        if missing:
-            if on_phase is not None:
-                on_phase("stats")
-            found = layer_covariances(self.loaded, missing, hp.stats_corpus, hp.stats_tokens,
-                                      getattr(torch, hp.stats_dtype), progress=False)
-            for layer, cov in found.items():
-                self._covariances[(layer, hp.stats_corpus, hp.stats_tokens, hp.stats_dtype)] = cov.cpu()
+        missing = [layer for layer in hp.layers if _stats_key(hp, layer) not in self._prepared]
+        if missing and on_phase is not None:
+            on_phase("stats")
+        for layer in missing:  # held by the shared Editor, which every edit reads it from
+            self.editor.covariance(layer, hp)
+            self._prepared.add(_stats_key(hp, layer))
         if on_phase is not None:
             on_phase("templates")
         context_templates(self.loaded, [list(x) for x in hp.context_templates], seed=hp.seed)
@@ -179,6 +176,10 @@ class SharedModel:
 
     def _snapshot(self, layers: list[int]) -> dict[int, torch.Tensor]:
         return {layer: self.loaded.adapter.weight(layer).detach().clone() for layer in layers}
+
+
+def _stats_key(hp: HParams, layer: int) -> tuple:
+    return layer, hp.stats_corpus, hp.stats_tokens, hp.stats_dtype
 
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
