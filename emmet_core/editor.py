@@ -198,8 +198,7 @@ class Editor:
             raise InvalidRequestError("warm_values needs the unedited model (undo or reset first)")
         batch = [r if isinstance(r, EditRequest) else EditRequest(**r) for r in requests]
         layer, site = self._value_site(hparams)
-        templates = context_templates(self.loaded, [list(x) for x in hparams.context_templates], seed=hparams.seed)
-        cached_values(self.loaded, batch, templates, layer, site, hparams.values)
+        cached_values(self.loaded, batch, self._templates(hparams, _Timer()), layer, site, hparams.values)
 
     def undo(self) -> EditResult:
         """Revert the last ``apply`` exactly."""

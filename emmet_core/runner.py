@@ -8,9 +8,7 @@ complete, ``progress.json`` holds the same for the records done so far.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .data import Dataset, EvalRecord
+from .diskcache import digest, write_atomic
 from .editor import Editor
 from .errors import EditError
 from .evaluate import score_records, summarise
@@ -149,7 +148,7 @@ def _baseline(editor: Editor, chunk: list[EvalRecord], kind: str, generation: li
     """Pre-edit scores of the unedited model, cached on disk per record: every run on the
     same model and records shares them (GE texts are seeded per prompt, so they do not
     depend on the chunk either)."""
-    folder = cache_dir() / "baselines" / hashlib.sha256(editor.loaded.fingerprint.encode()).hexdigest()[:32]
+    folder = cache_dir() / "baselines" / digest(editor.loaded.fingerprint)
     keys = [_record_key(r, kind, g, config) for r, g in zip(chunk, generation)]
     rows: dict[int, dict] = {}
     for i, key in enumerate(keys):
@@ -166,9 +165,7 @@ def _baseline(editor: Editor, chunk: list[EvalRecord], kind: str, generation: li
         folder.mkdir(parents=True, exist_ok=True)
         for i, row in zip(todo, fresh):
             rows[i] = row
-            tmp = folder / f"{keys[i]}.tmp{os.getpid()}"
-            tmp.write_text(json.dumps(row), encoding="utf-8")
-            os.replace(tmp, folder / f"{keys[i]}.json")
+            write_atomic(folder / f"{keys[i]}.json", lambda tmp, row=row: tmp.write_text(json.dumps(row), "utf-8"))
     return [rows[i] for i in range(len(chunk))]
 
 
@@ -177,7 +174,7 @@ def _record_key(record: EvalRecord, kind: str, generation: bool, config: EvalCon
                "neighborhood": [record.neighborhood_prompts, record.neighborhood_targets],
                "generation": record.generation_prompts if generation else None, "kind": kind,
                "gen_tokens": config.gen_tokens, "seed": config.seed, "metrics": 1}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+    return digest(payload)
 
 
 def _config_key(config: EvalConfig) -> dict:

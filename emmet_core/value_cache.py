@@ -12,31 +12,25 @@ names by fingerprint.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .diskcache import digest, write_atomic
 from .models import LoadedModel, cache_dir
 from .request import EditRequest
-from .values import ValueConfig, ValueResult, compute_values
-
-
-def _digest(payload: object) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+from .values import PER_FACT, ValueConfig, ValueResult, compute_values
 
 
 def group_key(loaded: LoadedModel, layer: int, site: str, config: ValueConfig, templates: list[str]) -> str:
     """Everything v* depends on apart from the fact itself."""
-    return _digest({"model": loaded.fingerprint, "layer": layer, "site": site,
-                    "config": dataclasses.asdict(config), "templates": templates})
+    return digest({"model": loaded.fingerprint, "layer": layer, "site": site,
+                   "config": dataclasses.asdict(config), "templates": templates})
 
 
 def fact_key(request: EditRequest) -> str:
-    return _digest([request.prompt, request.subject, request.target_new])
+    return digest([request.prompt, request.subject, request.target_new])
 
 
 def cached_values(
@@ -60,17 +54,14 @@ def cached_values(
         steps = fresh.steps
         folder.mkdir(parents=True, exist_ok=True)
         for j, i in enumerate(todo):
-            row = {name: getattr(fresh, name)[j].detach().float().cpu().reshape(-1) for name in _FIELDS}
+            row = {name: getattr(fresh, name)[j].detach().float().cpu().reshape(-1) for name in PER_FACT}
             _write(paths[i], row)
             found[i] = row
     device = loaded.device
-    joined = {name: torch.stack([found[i][name] for i in range(len(requests))]).to(device) for name in _FIELDS}
+    joined = {name: torch.stack([found[i][name] for i in range(len(requests))]).to(device) for name in PER_FACT}
     for name in ("loss_before", "nll_after", "loss_after"):
         joined[name] = joined[name][:, 0]
     return ValueResult(**joined, steps=steps)
-
-
-_FIELDS = ("values", "v_init", "loss_before", "nll_after", "loss_after")
 
 
 def _read(path: Path) -> dict[str, torch.Tensor] | None:
@@ -78,10 +69,8 @@ def _read(path: Path) -> dict[str, torch.Tensor] | None:
         row = load_file(str(path))
     except Exception:  # a torn or foreign file: recompute that fact
         return None
-    return row if set(row) == set(_FIELDS) and all(torch.isfinite(t).all() for t in row.values()) else None
+    return row if set(row) == set(PER_FACT) and all(torch.isfinite(t).all() for t in row.values()) else None
 
 
 def _write(path: Path, row: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in row.items()}, str(tmp))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in row.items()}, str(tmp)))

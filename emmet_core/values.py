@@ -42,6 +42,10 @@ class ValueConfig:
     precision: str = "float32"  # or "bfloat16": optimisation steps under autocast (CPU AMX, GPU)
 
 
+# The ValueResult fields that hold one row per fact (everything but ``steps``).
+PER_FACT = ("values", "v_init", "loss_before", "nll_after", "loss_after")
+
+
 @dataclass
 class ValueResult:
     values: torch.Tensor  # (N, d) v* = v_init + δ
@@ -203,7 +207,7 @@ def compute_values(
     back = torch.empty(len(order), dtype=torch.long)
     back[torch.tensor(order)] = torch.arange(len(order))
     joined = {name: torch.cat([getattr(p, name) for p in parts])[back.to(parts[0].values.device)]
-              for name in ("values", "v_init", "loss_before", "nll_after", "loss_after")}
+              for name in PER_FACT}
     return ValueResult(**joined, steps=max(p.steps for p in parts))
 
 
@@ -241,7 +245,6 @@ def _optimise(
             add_at_positions(module, all_rows, torch.zeros_like(all_rows), lambda: delta[batch.fact]):
         for steps in range(config.steps + 1):  # the last pass only scores the final δ
             nll, kl, _ = _losses(loaded, batch, n, cache, kl_init)
-            nll, kl = nll.float(), kl.float()
             decay = config.weight_decay * delta.norm(dim=1) / v_init.norm(dim=1) ** 2
             loss = nll + config.kl_factor * kl + decay
             active &= loss.detach() >= config.stop_loss
