@@ -56,3 +56,9 @@ def harmonic_mean(*values: float) -> float:
 def token_accuracy(predicted: Sequence[int], wanted: Sequence[int]) -> float:
     """zsRE: share of target tokens that are the argmax under teacher forcing."""
     return fmean(p == w for p, w in zip(predicted, wanted, strict=True))
+
+
+def mean_delta_norm(lines: list[dict]) -> float | None:
+    """Mean over chunks of ‖Δ‖_F, all edited layers together, from records.jsonl lines."""
+    per_chunk = {d["chunk"]: sum(v * v for v in d["delta_norms"].values()) ** 0.5 for d in lines if d["delta_norms"]}
+    return sum(per_chunk.values()) / len(per_chunk) if per_chunk else None

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from .errors import EditError
+from .metrics import mean_delta_norm
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,6 @@ def load_summaries(directories: list[Path]) -> list[dict]:
                 [json.loads(line) for line in records.read_text().splitlines() if line.strip()])
         summaries.append(summary)
     return summaries
-
-
-def mean_delta_norm(lines: list[dict]) -> float | None:
-    """Mean over chunks of ‖Δ‖_F, all edited layers together, from records.jsonl lines."""
-    per_chunk = {d["chunk"]: sum(v * v for v in d["delta_norms"].values()) ** 0.5 for d in lines if d["delta_norms"]}
-    return sum(per_chunk.values()) / len(per_chunk) if per_chunk else None
 
 
 def results_table(directories: list[Path]) -> str:

@@ -21,8 +21,8 @@ from .diskcache import digest, write_atomic
 from .editor import Editor
 from .errors import EditError
 from .evaluate import score_records, summarise
+from .metrics import mean_delta_norm
 from .models import cache_dir
-from .plots import mean_delta_norm
 from .provenance import versions
 
 # Small chunks (ROME's single facts above all) would run the value optimisation on a

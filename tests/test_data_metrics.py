@@ -15,6 +15,7 @@ from emmet_core.metrics import (
     harmonic_mean,
     kept,
     magnitude,
+    mean_delta_norm,
     ngram_entropy,
     success,
     token_accuracy,
@@ -112,3 +113,10 @@ def test_score_and_token_accuracy():
     assert harmonic_mean(1.0, 0.5, 0.25) == pytest.approx(3 / (1 + 2 + 4))
     assert harmonic_mean(1.0, 0.0, 1.0) == 0.0
     assert token_accuracy([1, 2, 3, 4], [1, 2, 0, 4]) == 0.75
+
+
+def test_mean_delta_norm_combines_layers_then_averages_chunks():
+    lines = [{"chunk": 0, "delta_norms": {"2": 3.0, "3": 4.0}}, {"chunk": 0, "delta_norms": {"2": 3.0, "3": 4.0}},
+             {"chunk": 1, "delta_norms": {"4": 1.0}}, {"chunk": 2, "delta_norms": {}}]
+    assert mean_delta_norm(lines) == pytest.approx(3.0)  # (5 + 1) / 2; the unedited chunk does not count
+    assert mean_delta_norm([]) is None
