@@ -12,7 +12,7 @@ from emmet_core.keys import compute_keys, subject_rows
 from emmet_core.probe import score_targets
 from emmet_core.request import EditRequest
 from emmet_core.tokens import encode_with_subject, target_ids
-from emmet_core.values import ValueConfig, compute_values
+from emmet_core.values import ValueConfig, _bf16_matrices, compute_values
 
 
 @pytest.mark.parametrize("kind", ["bpe", "sp"])
@@ -86,3 +86,29 @@ def test_overlong_prompt_is_refused(tokenizers):
     requests = [EditRequest(long_prompt, "Danielle Darrieux", "English")]
     with pytest.raises(InvalidRequestError, match="context of 128"):
         subject_rows(loaded, requests, ["{}"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_matrices_compute_what_autocast_computes(family, tokenizers):
+    """The bfloat16 stand-ins used during the value steps give bit-identical outputs to
+    autocast's own per-use casts, and the original float32 parameters come back."""
+    loaded = tiny(family, tokenizers)
+    ids = torch.tensor([[5, 9, 13, 17, 21, 25]])
+    originals = dict(loaded.model.named_parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = loaded.model(ids).logits
+        with _bf16_matrices([*loaded.adapter.layers, loaded.adapter.unembed]):
+            assert loaded.adapter.matrix(1).dtype == torch.bfloat16
+            swapped = loaded.model(ids).logits
+    assert torch.equal(reference, swapped)
+    restored = dict(loaded.model.named_parameters())
+    assert restored.keys() == originals.keys()
+    assert all(restored[name] is param and param.dtype == torch.float32 for name, param in originals.items())
+
+
+def test_tied_unembedding_gets_its_own_bfloat16_copy(smollm):
+    head, embedding = smollm.adapter.unembed, smollm.model.get_input_embeddings()
+    assert head.weight is embedding.weight  # SmolLM2 ties them
+    with _bf16_matrices([head]):
+        assert head.weight.dtype == torch.bfloat16 and embedding.weight.dtype == torch.float32
+    assert head.weight is embedding.weight
