@@ -7,6 +7,7 @@ layer l", "the final norm", "the unembedding" and never spells a module path its
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +137,25 @@ class ModelAdapter:
         if bias is not None:
             out = out + bias.detach().to(torch.float64)[:, None]
         return out
+
+    # -- running the decoder -----------------------------------------------------------------
+    def run_body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 past: object | None = None) -> tuple[torch.Tensor, object]:
+        """Final (normed) hidden states and the KV cache that now ends with these tokens.
+        ``past`` (a cache from an earlier call, which grows in place) continues a text."""
+        body = self.body
+        # transformers renamed the cache argument ``past_key_values`` -> ``cache``.
+        name = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+        extra = {name: past} if past is not None else {}
+        out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=True, **extra)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        if past is None:  # left pads attend to nothing and may hold NaN: zero them (always masked)
+            for layer in getattr(cache, "layers", []):
+                for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                    if isinstance(tensor, torch.Tensor):
+                        tensor.nan_to_num_(0.0)
+        return out[0], cache
 
     # -- logits ----------------------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

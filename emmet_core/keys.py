@@ -97,6 +97,13 @@ def layer_outputs(
 ) -> torch.Tensor:
     """Residual-stream output of ``layer`` at the subject's last token of the plain
     prompt, (d, N): the "z" that MEMIT/EMMET spread over the edited layers."""
+    return module_outputs(loaded, requests, loaded.adapter.layer(layer), batch_size).T.contiguous()
+
+
+def module_outputs(
+    loaded: LoadedModel, requests: list[EditRequest], module: torch.nn.Module, batch_size: int = 64
+) -> torch.Tensor:
+    """Output of ``module`` at the subject's last token of each plain prompt, (N, d),
+    in the model's own precision."""
     rows, positions = subject_rows(loaded, requests, ["{}"])
-    module = loaded.adapter.layer(layer)
-    return _gather(loaded, rows, positions, capture_output, module, batch_size).T.contiguous()
+    return _gather(loaded, rows, positions, capture_output, module, batch_size)

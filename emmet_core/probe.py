@@ -40,26 +40,58 @@ class TargetScore:
 def score_targets(
     loaded: LoadedModel, prompts: list[str], targets: list[str], batch_size: int = 32
 ) -> list[TargetScore]:
-    """Teacher-forced score of ``" " + target`` after each prompt."""
+    """Teacher-forced score of ``" " + target`` after each prompt.
+
+    Each distinct prompt runs once; its KV cache then serves every target asked after it
+    (an evaluation scores the new and the true object after each prompt, so this halves
+    the work). Only targets of two or more tokens need the second, short pass.
+    """
     tok, adapter = loaded.tokenizer, loaded.adapter
-    encoded = []
-    for prompt, target in zip(prompts, targets):
-        p_ids, t_ids = prompt_ids(tok, prompt.rstrip()), target_ids(tok, target)
-        encoded.append((p_ids + t_ids, len(p_ids), t_ids))
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # batch similar lengths: less padding
-    scores: list[TargetScore | None] = [None] * len(encoded)
+    asked: dict[str, list[int]] = {}  # prompt -> indices of the (prompt, target) pairs
+    for i, prompt in enumerate(prompts):
+        asked.setdefault(prompt.rstrip(), []).append(i)
+    p_ids = {p: prompt_ids(tok, p) for p in asked}
+    t_ids = [target_ids(tok, t) for t in targets]
+    order = sorted(asked, key=lambda p: len(p_ids[p]))  # batch similar lengths: less padding
+    scores: list[TargetScore | None] = [None] * len(prompts)
     for first in range(0, len(order), batch_size):
         part = order[first : first + batch_size]
-        ids, mask = pad_rows([encoded[i][0] for i in part], tok.pad_token_id, loaded.device)
-        hidden = adapter.body(input_ids=ids, attention_mask=mask, use_cache=False)[0]
-        for row, i in enumerate(part):
-            _, start, t_ids = encoded[i]
-            logp = adapter.logits(hidden[row, start - 1 : start - 1 + len(t_ids)]).log_softmax(-1)
-            wanted = torch.tensor(t_ids, device=logp.device)
+        # Left padding keeps each prompt and its continuation contiguous in the cache
+        # (sliding-window layers count cache positions, pads included).
+        ids, mask = pad_rows([p_ids[p] for p in part], tok.pad_token_id, loaded.device, left=True)
+        hidden, cache = adapter.run_body(ids, mask, _positions(mask))
+        first_logp = adapter.logits(hidden[:, -1]).log_softmax(-1)  # predicts target token 0
+        pairs = [(row, i) for row, p in enumerate(part) for i in asked[p]]
+        rest = _continue(adapter, tok.pad_token_id, cache, mask, [(row, t_ids[i]) for row, i in pairs])
+        for (row, i), later in zip(pairs, rest):
+            logp = first_logp[row : row + 1] if later is None else torch.cat([first_logp[row : row + 1], later])
+            wanted = torch.tensor(t_ids[i], device=logp.device)
             token_logp = logp.gather(1, wanted[:, None])[:, 0]
             hits = int((logp.argmax(-1) == wanted).sum())
-            scores[i] = TargetScore(float(token_logp.sum()), len(t_ids), hits)
+            scores[i] = TargetScore(float(token_logp.sum()), len(wanted), hits)
     return scores
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(1) - 1).clamp_min(0)
+
+
+def _continue(adapter, pad_id: int, cache, mask: torch.Tensor,
+              pairs: list[tuple[int, list[int]]]) -> list[torch.Tensor | None]:
+    """Log-probs of target tokens 1.. for each (prompt row, target) pair: the target's
+    tokens but its last run after the prompt's cache (None for one-token targets)."""
+    longer = [k for k, (_, target) in enumerate(pairs) if len(target) > 1]
+    out: list[torch.Tensor | None] = [None] * len(pairs)
+    if not longer:
+        return out
+    rows = torch.tensor([pairs[k][0] for k in longer], device=mask.device)
+    cache.reorder_cache(rows)  # one cache row per pair (a prompt's row repeated for each of its targets)
+    ids, cont_mask = pad_rows([pairs[k][1][:-1] for k in longer], pad_id, mask.device)
+    positions = mask[rows].sum(1, keepdim=True) + _positions(cont_mask)
+    hidden, _ = adapter.run_body(ids, torch.cat([mask[rows], cont_mask], 1), positions, cache)
+    for j, k in enumerate(longer):
+        out[k] = adapter.logits(hidden[j, : len(pairs[k][1]) - 1]).log_softmax(-1)
+    return out
 
 
 class _RowSeededTopK(LogitsProcessor):

@@ -42,14 +42,18 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
-def pad_rows(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to one (B, T) tensor plus attention mask: real tokens keep positions 0..n."""
+def pad_rows(
+    rows: list[list[int]], pad_id: int, device: torch.device, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to one (B, T) tensor plus attention mask; on the right by default (real tokens
+    keep columns 0..n), on the left for texts that a later pass continues from a cache."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
+        cols = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, cols] = torch.tensor(row, dtype=torch.long)
+        mask[i, cols] = 1
     return ids.to(device), mask.to(device)
 
 

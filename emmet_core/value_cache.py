@@ -24,9 +24,10 @@ from .values import PER_FACT, ValueConfig, ValueResult, compute_values
 
 
 def group_key(loaded: LoadedModel, layer: int, site: str, config: ValueConfig, templates: list[str]) -> str:
-    """Everything v* depends on apart from the fact itself."""
+    """Everything v* depends on apart from the fact itself (not how facts are grouped)."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "rows_per_pass"}
     return digest({"model": loaded.fingerprint, "layer": layer, "site": site,
-                   "config": dataclasses.asdict(config), "templates": templates})
+                   "config": settings, "templates": templates, "v": 2})
 
 
 def fact_key(request: EditRequest) -> str:

@@ -6,12 +6,16 @@ output of the edited layer (ROME) or to the residual output of the last edited l
 loss, its own early stop and its own norm clamp, so the result is the same as
 optimising the facts one by one. Layers below the insertion point never see δ: their
 output is computed once and replayed each step.
+
+With ``precision="bfloat16"`` everything the steps build on (the prefix cache, the
+reference pass at δ = 0) runs at the steps' precision too, so the KL term starts at
+exactly zero; only v_init, which v* = v_init + δ is built from, comes from a float32
+pass over the plain prompts.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -20,8 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import require_finite
-from .hooks import add_at_positions, capture_output, hidden_of, reuse_lower_layers
-from .keys import encode_in_template
+from .hooks import add_at_positions, capture_output, reuse_lower_layers
+from .keys import encode_in_template, module_outputs
 from .models import LoadedModel
 from .request import EditRequest
 from .tokens import check_length, encode_with_subject, target_ids
@@ -38,7 +42,10 @@ class ValueConfig:
     kl_factor: float = 0.0625
     stop_loss: float = 0.05
     seed: int = 0  # δ starts at zero; the seed is recorded for completeness
-    facts_per_pass: int = 32  # facts optimised in one forward batch
+    # Prompt rows per forward batch (a fact has one per template plus its KL prompt).
+    # Measured on a 2-core CPU: ~128 rows is fastest (smollm2-135m, bf16: EMMET 0.92 s per
+    # fact at 84 rows vs 1.04 at 224; ROME 2.8 s at 132 rows vs 3.2 at 352).
+    rows_per_pass: int = 128
     precision: str = "float32"  # or "bfloat16": optimisation steps under autocast (CPU AMX, GPU)
 
 
@@ -121,26 +128,13 @@ def _build(loaded: LoadedModel, requests: list[EditRequest], templates: list[str
                   t(t_row), t(t_col), t(t_id), t(t_w, torch.float32), t(kl_rows))
 
 
-def cache_kwarg(module: torch.nn.Module) -> str:
-    """transformers renamed ``past_key_values`` to ``cache``; use whichever exists."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-
-
 @torch.no_grad()
 def _prefix_cache(loaded: LoadedModel, batch: _Batch):
     """KV cache of the δ-independent prefixes (None when every prefix is empty)."""
     width_p = batch.prefix_ids.shape[1]
     if width_p == 0:
         return None
-    out = loaded.adapter.body(input_ids=batch.prefix_ids, attention_mask=batch.mask[:, :width_p],
-                              position_ids=batch.prefix_pos, use_cache=True)
-    cache = getattr(out, "cache", None) or out.past_key_values
-    for layer in getattr(cache, "layers", []):  # left pads attend to nothing: clear NaNs
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name, None)
-            if tensor is not None:
-                tensor.nan_to_num_(0.0)
-    return cache
+    return loaded.adapter.run_body(batch.prefix_ids, batch.mask[:, :width_p], batch.prefix_pos)[1]
 
 
 @contextmanager
@@ -196,9 +190,8 @@ def _bf16_matrices(modules: list[torch.nn.Module]) -> Iterator[None]:
 def _losses(loaded: LoadedModel, batch: _Batch, n: int, cache, kl_init: torch.Tensor | None):
     """Per-fact target NLL and KL(now ‖ init), plus the current KL log-probs."""
     adapter = loaded.adapter
-    past = {cache_kwarg(adapter.body): copy.deepcopy(cache)} if cache is not None else {}
-    hidden = adapter.body(input_ids=batch.suffix_ids, attention_mask=batch.mask, position_ids=batch.suffix_pos,
-                          use_cache=cache is not None, **past)[0]
+    past = copy.deepcopy(cache) if cache is not None else None  # each step extends its own copy
+    hidden, _ = adapter.run_body(batch.suffix_ids, batch.mask, batch.suffix_pos, past)
     logp = adapter.logits(hidden[batch.tgt_row, batch.tgt_col]).float().log_softmax(-1)
     token_nll = -logp.gather(1, batch.tgt_id[:, None])[:, 0] * batch.tgt_weight
     nll = torch.zeros(n, device=hidden.device).index_add(0, batch.fact[batch.tgt_row], token_nll)
@@ -219,16 +212,17 @@ def compute_values(
 ) -> ValueResult:
     """Optimise δ for every fact; ``site`` is "mlp" (ROME) or "residual" (MEMIT/EMMET).
 
-    Facts are optimised together in groups of ``config.facts_per_pass`` (memory: the
-    prefix cache grows with the group); since each fact has its own loss, the grouping
-    does not change the result.
+    Facts are optimised together in groups of about ``config.rows_per_pass`` prompt rows;
+    since each fact has its own loss, the grouping does not change the result.
     """
-    size = max(config.facts_per_pass, 1)
+    size = max(config.rows_per_pass // (len(templates) + 1), 1)
     if len(requests) <= size:
         return _optimise(loaded, requests, templates, layer, site, config)
-    # Group facts with similar suffix lengths (text after the subject, plus the target) so
-    # that little of each pass is padding; then put the results back in request order.
-    order = sorted(range(len(requests)), key=lambda i: _suffix_chars(requests[i]))
+    # Group facts with equal suffix lengths (tokens from the subject's last one to the end
+    # of the target) so that little of each pass is padding; then put the results back in
+    # request order.
+    lengths = [_suffix_tokens(loaded, r) for r in requests]
+    order = sorted(range(len(requests)), key=lambda i: lengths[i])
     parts = [_optimise(loaded, [requests[i] for i in order[k : k + size]], templates, layer, site, config)
              for k in range(0, len(order), size)]
     back = torch.empty(len(order), dtype=torch.long)
@@ -238,8 +232,11 @@ def compute_values(
     return ValueResult(**joined, steps=max(p.steps for p in parts))
 
 
-def _suffix_chars(request: EditRequest) -> int:
-    return len(request.text) - request.subject_span[1] + len(request.target_new)
+def _suffix_tokens(loaded: LoadedModel, request: EditRequest) -> int:
+    """Tokens a fact's rows run through every step: from the subject's last token to the
+    target's second-to-last (measured on the plain prompt)."""
+    ids, last = encode_in_template(loaded.tokenizer, "{}", request)
+    return len(ids) - last + len(target_ids(loaded.tokenizer, request.target_new)) - 1
 
 
 def _optimise(
@@ -252,24 +249,30 @@ def _optimise(
 ) -> ValueResult:
     adapter, n = loaded.adapter, len(requests)
     batch = _build(loaded, requests, templates)
-    cache = _prefix_cache(loaded, batch)
     module = adapter.mlp_out(layer) if site == "mlp" else adapter.layer(layer)
     upto = layer if site == "mlp" else layer + 1  # first layer that depends on δ
-    with torch.no_grad():  # one pass at δ = 0: v_init, KL reference, lower-layer replay
-        with capture_output(module) as site_out, capture_output(adapter.layers[max(upto - 1, 0)]) as low:
-            nll0, _, kl_init = _losses(loaded, batch, n, cache, None)
-        plain = torch.arange(n, device=batch.fact.device) * len(templates)  # template 0 rows
-        v_init = hidden_of(site_out[0])[plain, 0].float()
-        require_finite(v_init, f"the activations at layer {layer}")
-        require_finite(nll0, "the target loss")
+    v_init = module_outputs(loaded, requests, module).float()  # float32 whatever the step precision
+    require_finite(v_init, f"the activations at layer {layer}")
+    with _precision(loaded, config.precision, list(adapter.layers[upto:])):
+        with torch.no_grad():  # δ-independent work, once: prefix cache, KL reference, lower-layer replay
+            cache = _prefix_cache(loaded, batch)
+            with capture_output(adapter.layers[max(upto - 1, 0)]) as low:
+                nll0, _, kl_init = _losses(loaded, batch, n, cache, None)
+            require_finite(nll0, "the target loss")
+        replay = reuse_lower_layers(adapter.layers, upto, low[0]) if upto > 0 else nullcontext()
+        return _steps(loaded, batch, module, replay, cache, v_init, nll0, kl_init, config)
+
+
+def _steps(loaded: LoadedModel, batch: _Batch, module: torch.nn.Module, replay, cache, v_init: torch.Tensor,
+           nll0: torch.Tensor, kl_init: torch.Tensor, config: ValueConfig) -> ValueResult:
+    """Adam on δ (one row per fact) with per-fact early stop and norm clamp."""
+    n = len(v_init)
     delta = torch.zeros_like(v_init, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=config.lr)
     max_norm = config.clamp * v_init.norm(dim=1)
     active = torch.ones(n, dtype=torch.bool, device=delta.device)
-    replay = reuse_lower_layers(adapter.layers, upto, low[0]) if upto > 0 else nullcontext()
     all_rows = torch.arange(len(batch.fact), device=delta.device)
-    with replay, _precision(loaded, config.precision, list(adapter.layers[upto:])), \
-            add_at_positions(module, all_rows, torch.zeros_like(all_rows), lambda: delta[batch.fact]):
+    with replay, add_at_positions(module, all_rows, torch.zeros_like(all_rows), lambda: delta[batch.fact]):
         for steps in range(config.steps + 1):  # the last pass only scores the final δ
             nll, kl, _ = _losses(loaded, batch, n, cache, kl_init)
             decay = config.weight_decay * delta.norm(dim=1) / v_init.norm(dim=1) ** 2

@@ -4,6 +4,7 @@ default model: summary and per-record files, pre beside post, resume, the plot."
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 from conftest import SHARED_DATA
@@ -27,6 +28,8 @@ def test_eval_emmet_batches_resume_and_plot(tmp_path, capsys):
     assert summary["post"]["ES"] > summary["pre"]["ES"]  # the edits took
     assert summary["post"]["ES"] >= 80
     assert {"hparams", "seed", "versions", "model_fingerprint", "seconds"} <= set(summary)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert summary["versions"]["emmet-studio-git"].split("+")[0] == head  # the code that produced it
     assert summary["complete"] is True and summary["n_planned"] == 10 and not (out / "progress.json").exists()
     lines = (out / "records.jsonl").read_text().splitlines()
     source = json.loads(open(DATA).read())[:10]

@@ -112,3 +112,25 @@ def test_tied_unembedding_gets_its_own_bfloat16_copy(smollm):
     with _bf16_matrices([head]):
         assert head.weight.dtype == torch.bfloat16 and embedding.weight.dtype == torch.float32
     assert head.weight is embedding.weight
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prompt_scores_match_one_forward_per_pair(family, tokenizers):
+    """score_targets runs each distinct prompt once and continues its KV cache for every
+    target; the log-probabilities and hits must equal a full forward of prompt + target."""
+    loaded = tiny(family, tokenizers)
+    tok = loaded.tokenizer
+    prompts = ["The mother tongue of Danielle Darrieux is", "Berlin is the capital of",
+               "The mother tongue of Danielle Darrieux is", "Toko Yasuda plays the guitar and",
+               "Berlin is the capital of"]
+    targets = ["French", "the capital of Italy", "English and German too", "Paris", "Rome"]
+    scores = score_targets(loaded, prompts, targets, batch_size=2)
+    for prompt, target, score in zip(prompts, targets, scores):
+        p_ids, t_ids = tok(prompt)["input_ids"], target_ids(tok, target)
+        with torch.no_grad():
+            logits = loaded.model(input_ids=torch.tensor([p_ids + t_ids])).logits[0].float()
+        logp = logits[len(p_ids) - 1 : -1].log_softmax(-1)
+        wanted = torch.tensor(t_ids)
+        assert score.n_tokens == len(t_ids)
+        assert score.logprob == pytest.approx(float(logp.gather(1, wanted[:, None]).sum()), abs=1e-4)
+        assert score.hits == int((logp.argmax(-1) == wanted).sum())
