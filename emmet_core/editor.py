@@ -189,16 +189,18 @@ class Editor:
         self.adapter.check_layer(layer)
         return self._covariances(hparams.replace(layers=(layer,)), _Timer())[layer]
 
-    def warm_values(self, requests: Iterable[RequestLike], hparams: HParams) -> None:
+    def warm_values(self, requests: Iterable[RequestLike], hparams: HParams,
+                    progress: Callable[[int], object] | None = None) -> None:
         """Optimise and cache v* for many facts in shared batches, ahead of applying them
         one chunk at a time (ROME one by one, small MEMIT/EMMET batches), which would
         otherwise run the value optimisation on a handful of prompts per pass. Only on the
-        unedited model, whose values the cache holds."""
+        unedited model, whose values the cache holds. ``progress(k)`` hears of every k facts done."""
         if self.history:
             raise InvalidRequestError("warm_values needs the unedited model (undo or reset first)")
         batch = [r if isinstance(r, EditRequest) else EditRequest(**r) for r in requests]
         layer, site = self._value_site(hparams)
-        cached_values(self.loaded, batch, self._templates(hparams, _Timer()), layer, site, hparams.values)
+        cached_values(self.loaded, batch, self._templates(hparams, _Timer()), layer, site, hparams.values,
+                      progress=progress)
 
     def undo(self) -> EditResult:
         """Revert the last ``apply`` exactly."""

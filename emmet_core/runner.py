@@ -26,8 +26,9 @@ from .models import cache_dir
 from .provenance import versions
 
 # Small chunks (ROME's single facts above all) would run the value optimisation on a
-# handful of prompts per pass; instead v* of the next WARM_AHEAD records are optimised
-# together and cached, which is exact because a fact's v* ignores the rest of its batch.
+# handful of prompts per pass; instead v* of the next WARM_AHEAD records (or of the next
+# chunk, if larger) are optimised together and cached, which is exact because a fact's v*
+# ignores the rest of its batch. It also gives the value phase a progress bar of its own.
 WARM_AHEAD = 64
 
 
@@ -66,6 +67,7 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
     hp = editor.hparams(config.algorithm, seed=config.seed, **config.overrides)
     chunks = [dataset.records[i : i + config.batch_size] for i in range(0, len(dataset.records), config.batch_size)]
     started = time.perf_counter()
+    software = versions()  # read once: the code that runs, even if the checkout changes meanwhile
     prior = _prior_seconds(out) if done else 0.0  # time spent before an interruption
     bar = tqdm(total=len(dataset.records), initial=len(done), unit="rec", desc=f"eval {config.algorithm}",
                file=sys.stderr, disable=not progress)
@@ -77,9 +79,10 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
                 if config.sequential:  # replay the edits of finished chunks, without scoring
                     _apply(editor, chunk, hp, config)
                 continue
-            if not config.sequential and config.batch_size < WARM_AHEAD and first >= warmed:
-                editor.warm_values([r.request for r in dataset.records[first : first + WARM_AHEAD]], hp)
-                warmed = first + WARM_AHEAD
+            if not config.sequential and first >= warmed:
+                ahead = dataset.records[first : first + max(config.batch_size, WARM_AHEAD)]
+                _warm(editor, [r.request for r in ahead], hp, progress)
+                warmed = first + len(ahead)
             generation = [(first + j) % max(config.generation_every, 1) == 0 for j in range(len(chunk))]
             original = not editor.history  # the unedited model: its scores can come from the baseline cache
             pre = _baseline(editor, chunk, dataset.kind, generation, config) if original else \
@@ -98,14 +101,21 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
             bar.update(len(chunk))
             if len(done) < len(dataset.records):
                 _write_summary(out, editor, dataset, config, hp, done, model_name,
-                               prior + time.perf_counter() - started, complete=False)
+                               prior + time.perf_counter() - started, software, complete=False)
     bar.close()
     return _write_summary(out, editor, dataset, config, hp, done, model_name, prior + time.perf_counter() - started,
-                          complete=True)
+                          software, complete=True)
+
+
+def _warm(editor: Editor, requests: list, hp, progress: bool) -> None:
+    """Optimise (or find cached) the v* of ``requests``, with a progress bar of facts."""
+    with tqdm(total=len(requests), unit="fact", desc="  v*", file=sys.stderr, leave=False,
+              disable=not progress) as bar:
+        editor.warm_values(requests, hp, progress=bar.update)
 
 
 def _write_summary(out: Path, editor: Editor, dataset: Dataset, config: EvalConfig, hp, done: list[dict],
-                   model_name: str, seconds: float, complete: bool) -> dict:
+                   model_name: str, seconds: float, software: dict, complete: bool) -> dict:
     """``summary.json`` when the run is complete; ``progress.json`` (same fields, the
     records so far) after every chunk before that, so a long run can be read early."""
     summary = {
@@ -115,7 +125,7 @@ def _write_summary(out: Path, editor: Editor, dataset: Dataset, config: EvalConf
         "pre": summarise([d["pre"] for d in done]), "post": summarise([d["post"] for d in done]),
         "mean_delta_norm": mean_delta_norm(done), "seconds": seconds, "hparams": hp.to_dict(),
         "seed": config.seed, "eval_config": asdict(config),
-        "versions": versions(),
+        "versions": software,
     }
     name = "summary.json" if complete else "progress.json"
     (out / name).write_text(json.dumps(summary, indent=2), encoding="utf-8")

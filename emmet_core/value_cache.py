@@ -12,6 +12,7 @@ names by fingerprint.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,16 +43,20 @@ def cached_values(
     site: str,
     config: ValueConfig,
     root: Path | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> ValueResult:
-    """:func:`values.compute_values`, optimising only the facts not cached yet."""
+    """:func:`values.compute_values`, optimising only the facts not cached yet
+    (``progress`` hears of the cached ones at once)."""
     folder = (root or cache_dir() / "values") / group_key(loaded, layer, site, config, templates)
     paths = [folder / f"{fact_key(r)}.safetensors" for r in requests]
     found = {i: _read(p) for i, p in enumerate(paths) if p.is_file()}
     found = {i: row for i, row in found.items() if row is not None}
     todo = [i for i in range(len(requests)) if i not in found]
     steps = 0
+    if progress is not None and found:
+        progress(len(found))
     if todo:
-        fresh = compute_values(loaded, [requests[i] for i in todo], templates, layer, site, config)
+        fresh = compute_values(loaded, [requests[i] for i in todo], templates, layer, site, config, progress)
         steps = fresh.steps
         folder.mkdir(parents=True, exist_ok=True)
         for j, i in enumerate(todo):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -209,22 +209,30 @@ def compute_values(
     layer: int,
     site: str,
     config: ValueConfig,
+    progress: Callable[[int], object] | None = None,
 ) -> ValueResult:
     """Optimise δ for every fact; ``site`` is "mlp" (ROME) or "residual" (MEMIT/EMMET).
 
     Facts are optimised together in groups of about ``config.rows_per_pass`` prompt rows;
     since each fact has its own loss, the grouping does not change the result.
+    ``progress(k)`` is called as each group of k facts is done.
     """
     size = max(config.rows_per_pass // (len(templates) + 1), 1)
     if len(requests) <= size:
-        return _optimise(loaded, requests, templates, layer, site, config)
+        result = _optimise(loaded, requests, templates, layer, site, config)
+        if progress is not None:
+            progress(len(requests))
+        return result
     # Group facts with equal suffix lengths (tokens from the subject's last one to the end
     # of the target) so that little of each pass is padding; then put the results back in
     # request order.
     lengths = [_suffix_tokens(loaded, r) for r in requests]
     order = sorted(range(len(requests)), key=lambda i: lengths[i])
-    parts = [_optimise(loaded, [requests[i] for i in order[k : k + size]], templates, layer, site, config)
-             for k in range(0, len(order), size)]
+    parts = []
+    for k in range(0, len(order), size):
+        parts.append(_optimise(loaded, [requests[i] for i in order[k : k + size]], templates, layer, site, config))
+        if progress is not None:
+            progress(len(parts[-1].values))
     back = torch.empty(len(order), dtype=torch.long)
     back[torch.tensor(order)] = torch.arange(len(order))
     joined = {name: torch.cat([getattr(p, name) for p in parts])[back.to(parts[0].values.device)]

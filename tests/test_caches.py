@@ -30,13 +30,28 @@ def test_cached_values_equal_fresh_ones_and_skip_the_work(tokenizers, isolated_c
     assert first.steps > 0
     files = sorted((isolated_cache / "values").rglob("*.safetensors"))
     assert len(files) == 2
-    mixed = cached_values(loaded, FACTS, TEMPLATES, 1, "residual", config)  # two cached, one new
+    heard: list[int] = []
+    mixed = cached_values(loaded, FACTS, TEMPLATES, 1, "residual", config, progress=heard.append)  # 2 cached, 1 new
+    assert heard == [2, 1]  # the cached facts at once, then the optimised one
     assert len(sorted((isolated_cache / "values").rglob("*.safetensors"))) == 3
     again = cached_values(loaded, FACTS[::-1], TEMPLATES, 1, "residual", config)
     assert again.steps == 0  # nothing optimised
     assert torch.allclose(mixed.values, fresh.values, atol=1e-4)
     assert torch.equal(again.values, mixed.values.flip(0))
     assert torch.equal(again.loss_before, mixed.loss_before.flip(0))
+
+
+def test_value_groups_report_progress_and_do_not_change_the_result(tokenizers):
+    """Facts are optimised in groups of about ``rows_per_pass`` prompt rows; each fact has
+    its own loss, so groups of one fact give the same v* as one group of all."""
+    loaded = tiny("qwen2", tokenizers)
+    together = compute_values(loaded, FACTS, TEMPLATES, 1, "residual", ValueConfig(steps=5))
+    heard: list[int] = []
+    apart = compute_values(loaded, FACTS, TEMPLATES, 1, "residual", ValueConfig(steps=5, rows_per_pass=3),
+                           progress=heard.append)
+    assert heard == [1, 1, 1]  # 3 rows per fact (two templates and the KL prompt): one fact per group
+    assert torch.allclose(apart.values, together.values, atol=1e-4)
+    assert torch.allclose(apart.loss_before, together.loss_before, atol=1e-5)
 
 
 def test_cache_keys_on_config_and_survives_a_torn_file(tokenizers, isolated_cache):
