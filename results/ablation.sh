@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What stops EMMET's collapse at batch 1,000 on smollm2-135m (results/README.md): the
-# same run with a larger ridge ρ = mom2_update_weight · emmet_lambda (preset: 1 · 0.1).
+# same runs with a larger ridge ρ = mom2_update_weight · emmet_lambda (preset: 1 · 0.1),
+# at batch 1,000 and, to see what the ridge costs where EMMET did not collapse, at 64 and 256.
 # The v* come from the value cache that results/commands.sh filled, so each run is the
 # keys, the solve and the scoring only.
 set -euo pipefail
@@ -8,9 +9,11 @@ cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/counterfact/counterfact-edit.json}
 EMMET=${EMMET:-.venv/bin/emmet}
 OUT=results/smollm2-135m/ablation
-for lam in ${LAMBDAS:-1000 100}; do
-  dir="$OUT/emmet-b1000-lambda$lam"
-  [ -f "$dir/summary.json" ] && { echo "have $dir"; continue; }
+run() {  # batch-size lambda
+  local dir="$OUT/emmet-b$1-lambda$2"
+  [ -f "$dir/summary.json" ] && { echo "have $dir"; return; }
   "$EMMET" eval --model smollm2-135m --data "$DATA" --n 1000 --generation-every 10 --seed 0 \
-    --algo emmet --batch-size 1000 --set emmet_lambda=$lam --out "$dir"
-done
+    --algo emmet --batch-size "$1" --set emmet_lambda="$2" --out "$dir"
+}
+for lam in 100 1000; do run 1000 "$lam"; done
+for b in 256 64; do run "$b" 1000; done
