@@ -18,12 +18,12 @@ run() {  # batch-size lambda
 for lam in 100 1000; do run 1000 "$lam"; done
 for b in 256 64; do run "$b" 1000; done
 
-# Where ROME's GE drop comes from (results/README.md): the first 100 records with GE on
-# every record, at the preset clamp (‖δ‖ ≤ 4·‖v_init‖, v* cached by commands.sh) and at the
+# ROME's fluency at two clamps (results/README.md): the first 50 records with GE on every
+# record, at the preset clamp (‖δ‖ ≤ 4·‖v_init‖, v* cached by commands.sh) and at the
 # 0.75 that MEMIT/EMMET use.
 for clamp in 4.0 0.75; do
-  dir="$OUT/rome-n100-ge-clamp$clamp"
+  dir="$OUT/rome-n50-ge-clamp$clamp"
   [ -f "$dir/summary.json" ] && { echo "have $dir"; continue; }
-  "$EMMET" eval --model smollm2-135m --data "$DATA" --n 100 --generation-every 1 --seed 0 \
+  "$EMMET" eval --model smollm2-135m --data "$DATA" --n 50 --generation-every 1 --seed 0 \
     --algo rome --batch-size 1 --set clamp_norm_factor="$clamp" --out "$dir"
 done
