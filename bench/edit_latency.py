@@ -1,11 +1,12 @@
 """Edit latency on the default model: one ROME edit, one EMMET batch of 100 CounterFact
 edits (median over several runs, split by phase), and covariance throughput.
 
-    python bench/edit_latency.py [--runs 5] [--batch 100] [--device cpu]
+    python bench/edit_latency.py [--runs 5] [--batch 100] [--device cpu] [--set KEY=VALUE]
 
 Covariance statistics and context templates are computed once before timing (the
-cached state a user is in after the first edit). Writes bench/results/edit_latency.json
-with the configuration, git commit and library versions.
+cached state a user is in after the first edit); value targets are always optimised
+(no value cache). Writes bench/results/edit_latency-DEVICE[-KEY=VALUE...].json with the
+configuration, hyper-parameters, source revision and library versions.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 from emmet_core import Editor, load_model, score_targets
+from emmet_core.cli import parse_sets
 from emmet_core.provenance import versions
 from emmet_core.stats import compute_covariances
 
@@ -29,19 +30,12 @@ DARRIEUX = {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieu
             "target_new": "English", "target_true": "French"}
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
-def timed_runs(editor: Editor, requests: list[dict], algorithm: str, runs: int) -> dict:
+def timed_runs(editor: Editor, requests: list[dict], algorithm: str, runs: int, overrides: dict) -> dict:
     """Median wall time and per-phase medians over ``runs`` edits (undone after each)."""
     walls, phases = [], []
     for _ in range(runs):
         start = time.perf_counter()
-        result = editor.apply(requests, algorithm)
+        result = editor.apply(requests, algorithm, **overrides)
         walls.append(time.perf_counter() - start)
         phases.append(result.seconds)
         editor.undo()
@@ -66,18 +60,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cov-tokens", type=int, default=20_000)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="hparam",
+                        help="hyper-parameter override for both edits, e.g. value_precision=float32")
     args = parser.parse_args()
+    overrides = parse_sets(args.hparam)
 
     loaded = load_model(args.model, device=args.device)
     editor = Editor(loaded)
     batch = counterfact_batch(loaded, args.batch)
     for algorithm, requests in (("rome", [DARRIEUX]), ("emmet", batch[:2])):  # warm caches
-        editor.apply(requests, algorithm)
+        editor.apply(requests, algorithm, **overrides)
         editor.reset()
 
-    rome = timed_runs(editor, [DARRIEUX], "rome", args.runs)
+    rome = timed_runs(editor, [DARRIEUX], "rome", args.runs, overrides)
     print(f"ROME, 1 edit: median {rome['median_seconds']:.2f}s {rome['median_phase_seconds']}", flush=True)
-    emmet = timed_runs(editor, batch, "emmet", args.runs)
+    emmet = timed_runs(editor, batch, "emmet", args.runs, overrides)
     print(f"EMMET, {len(batch)} edits: median {emmet['median_seconds']:.2f}s", flush=True)
 
     layer = editor.hparams("rome").layers[0]
@@ -88,12 +85,13 @@ def main() -> None:
 
     out = {
         "model": args.model, "fingerprint": loaded.fingerprint, "device": str(loaded.device),
-        "torch_threads": torch.get_num_threads(), "git_commit": git_commit(), "versions": versions(),
-        "rome_single_edit": {**rome, "hparams": editor.hparams("rome").to_dict()},
-        "emmet_batch": {**emmet, "batch_size": len(batch), "hparams": editor.hparams("emmet").to_dict()},
+        "torch_threads": torch.get_num_threads(), "versions": versions(), "overrides": overrides,
+        "rome_single_edit": {**rome, "hparams": editor.hparams("rome", **overrides).to_dict()},
+        "emmet_batch": {**emmet, "batch_size": len(batch), "hparams": editor.hparams("emmet", **overrides).to_dict()},
         "covariance": {"layer": layer, "tokens": seen, "seconds": cov_seconds, "tokens_per_second": seen / cov_seconds},
     }
-    path = ROOT / "bench" / "results" / f"edit_latency-{loaded.device.type}.json"
+    tag = "".join(f"-{item}" for item in args.hparam)
+    path = ROOT / "bench" / "results" / f"edit_latency-{loaded.device.type}{tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}")
