@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from emmet_core import Editor, load_model, score_targets
-from emmet_core.cli import parse_sets
+from emmet_core.cli import add_set_argument, parse_sets
 from emmet_core.provenance import versions
 from emmet_core.stats import compute_covariances
 
@@ -60,8 +60,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cov-tokens", type=int, default=20_000)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="hparam",
-                        help="hyper-parameter override for both edits, e.g. value_precision=float32")
+    add_set_argument(parser)  # applies to both edits, e.g. --set value_precision=float32
     args = parser.parse_args()
     overrides = parse_sets(args.hparam)
 
@@ -77,7 +76,7 @@ def main() -> None:
     emmet = timed_runs(editor, batch, "emmet", args.runs, overrides)
     print(f"EMMET, {len(batch)} edits: median {emmet['median_seconds']:.2f}s", flush=True)
 
-    layer = editor.hparams("rome").layers[0]
+    layer = editor.hparams("rome", **overrides).layers[0]
     start = time.perf_counter()
     _, seen = compute_covariances(loaded, [layer], n_tokens=args.cov_tokens, progress=False)
     cov_seconds = time.perf_counter() - start

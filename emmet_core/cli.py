@@ -35,7 +35,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=None, help="covariance token budget")
 
 
-def _set_arg(parser: argparse.ArgumentParser) -> None:
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="hparam",
                         help="override any hyper-parameter, e.g. --set value_precision=bfloat16 (repeatable)")
 
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     edit = sub.add_parser("edit", help="apply one edit (or a JSON file of edits) and report its effect")
     _model_args(edit)
-    _set_arg(edit)
+    add_set_argument(edit)
     edit.add_argument("--algo", default="rome", help="rome, memit or emmet")
     edit.add_argument("--prompt", help='relation prompt with {} for the subject, or containing it')
     edit.add_argument("--subject")
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate an algorithm on CounterFact or zsRE records")
     _model_args(ev)
-    _set_arg(ev)
+    add_set_argument(ev)
     ev.add_argument("--algo", default="rome", help="rome, memit or emmet")
     ev.add_argument("--data", help="dataset file (either CounterFact layout, or zsRE) or hf:NAME[:SPLIT]")
     ev.add_argument("--n", type=int, default=None, help="number of records (default: all)")
