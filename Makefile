@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run demo test test-fast test-app lint bench clean
+.PHONY: setup run demo test test-fast test-gpu test-app lint bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ test: setup
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
+
+# The CUDA cases of the device-parametrised tests (family, Editor, workspace, eval runner,
+# device maps). They exist only where PyTorch sees a GPU, so this refuses to run without one.
+test-gpu: setup
+	@$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: no CUDA GPU visible to PyTorch (make test runs the CPU suite)')"
+	$(BIN)/pytest -q -m gpu
 
 test-app: setup
 	$(BIN)/pytest -q tests/test_app_*.py

@@ -115,6 +115,35 @@ class ModelAdapter:
         weight = self.weight(layer)
         return weight.T if self.transposed(layer) else weight
 
+    def device(self, layer: int) -> torch.device:
+        """Where W of ``layer`` lives: its keys, values, C0 and Δ are made there. A layer a
+        device map offloads (weights on 'meta', loaded for each forward) cannot be edited."""
+        device = self.weight(layer).device
+        if device.type == "meta":
+            raise UnsupportedModelError(
+                f"layer {layer} is offloaded by the device map (its weights are loaded only for each "
+                "forward pass), so it cannot be edited in place; give it a device in device_map"
+            )
+        return device
+
+    def input_device(self) -> torch.device:
+        """Where token ids go: the device the input embedding computes on (with a device
+        map, accelerate's hook knows it even when the embedding itself is offloaded)."""
+        embedding = self.model.get_input_embeddings()
+        for module in (embedding, *self._owners(embedding)):
+            device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+            if device is not None:
+                return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+        return embedding.weight.device
+
+    def _owners(self, module: nn.Module) -> list[nn.Module]:
+        """The modules that contain ``module``, innermost first."""
+        name = next((n for n, m in self.model.named_modules() if m is module), None)
+        if not name:
+            return [self.model] if name is None else []
+        parts = name.split(".")
+        return [self.model.get_submodule(".".join(parts[:i])) for i in range(len(parts) - 1, 0, -1)] + [self.model]
+
     def key_size(self, layer: int) -> int:
         return self.matrix(layer).shape[1]
 

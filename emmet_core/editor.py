@@ -135,7 +135,7 @@ class Editor:
         started = time.perf_counter()
         hp = hparams if hparams is not None else self.hparams(algorithm, **overrides)
         for layer in hp.layers:
-            self.adapter.check_layer(layer)
+            self.adapter.device(layer)  # in range and resident (not offloaded by a device map)
         timer = _Timer()
         with timer.phase("prepare"):
             batch = self.prepare(requests, refuse_current)
@@ -221,6 +221,10 @@ class Editor:
 
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
+        if self.loaded.device_map:  # offloaded weights are on disk or the CPU: transformers gathers them
+            self.loaded.model.save_pretrained(path)
+            self.loaded.tokenizer.save_pretrained(path)
+            return path
         self.loaded.model.config.save_pretrained(path)
         save_model(self.loaded.model, str(path / "model.safetensors"), metadata={"format": "pt"})
         self.loaded.tokenizer.save_pretrained(path)
@@ -238,14 +242,14 @@ class Editor:
                 self.adapter.weight(layer).copy_(weight)
 
     def _covariances(self, hp: HParams, timer: _Timer) -> dict[int, torch.Tensor]:
-        dtype = getattr(torch, hp.stats_dtype)
-        keys = {layer: (layer, hp.stats_corpus, hp.stats_tokens, hp.stats_dtype) for layer in hp.layers}
+        keys = {layer: (layer, *hp.stats_settings) for layer in hp.layers}
         todo = [layer for layer, key in keys.items() if key not in self._covs]
         if todo:
             with self._phase(timer, "stats"):
-                found = layer_covariances(self.loaded, todo, hp.stats_corpus, hp.stats_tokens, dtype)
-            for layer, cov in found.items():
-                self._covs[keys[layer]] = cov.to(self.loaded.device)
+                found = layer_covariances(self.loaded, todo, hp.stats_corpus, hp.stats_tokens,
+                                          getattr(torch, hp.stats_dtype), precision=hp.stats_precision)
+            for layer, cov in found.items():  # C0 lives beside the matrix it constrains
+                self._covs[keys[layer]] = cov.to(self.adapter.device(layer))
         return {layer: self._covs[key] for layer, key in keys.items()}
 
     def _templates(self, hp: HParams, timer: _Timer) -> list[str]:

@@ -109,13 +109,18 @@ def reuse_lower_layers(layers: nn.ModuleList, upto: int, recorded: Any) -> Itera
     so the lower layers' work is done once instead of once per step.
     """
     patched = list(layers)[:upto]
+    # A forward set on the instance (accelerate's device-map hook wraps it so) is put back.
+    saved = [layer.__dict__.get("forward") for layer in patched]
     try:
         for layer in patched:
             layer.forward = lambda *args, **kwargs: recorded
         yield
     finally:
-        for layer in patched:
-            layer.__dict__.pop("forward", None)
+        for layer, forward in zip(patched, saved):
+            if forward is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = forward
 
 
 def hidden_of(output: Any) -> torch.Tensor:

@@ -15,6 +15,7 @@ from importlib import resources
 import yaml
 
 from .errors import InvalidRequestError
+from .precision import PRECISIONS
 from .values import ValueConfig
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,13 @@ class HParams:
     ridge_single: bool = False  # add EMMET's ridge also when N = 1
     rome_variant: str = "rebuilt"  # "rebuilt" (r-ROME, k̄ everywhere) or "original"
     context_templates: tuple[tuple[int, int], ...] = ((10, 5),)  # (tokens, count)
-    value_precision: str = "float32"  # "bfloat16": v* optimised under autocast (≈2x on AMX CPUs)
+    value_precision: str = "float32"  # "tf32" (CUDA) or "bfloat16" (autocast, ≈2x on AMX CPUs): precision.py
+    value_rows_per_pass: int | None = None  # prompt rows per value pass; None: 128 on CPU, free memory on CUDA
     seed: int = 0
     stats_corpus: str = "wiki-offline"
     stats_tokens: int = 100_000
-    stats_dtype: str = "float64"
+    stats_dtype: str = "float64"  # accumulation of C0
+    stats_precision: str = "float32"  # the C0 forward: "tf32" or "bfloat16" where allowed (precision.py)
     notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -66,8 +69,11 @@ class HParams:
             raise InvalidRequestError(f"ROME edits exactly one layer, got {list(self.layers)}")
         if self.rome_variant not in ("rebuilt", "original"):
             raise InvalidRequestError(f"rome_variant must be 'rebuilt' or 'original', not {self.rome_variant!r}")
-        if self.value_precision not in ("float32", "bfloat16"):
-            raise InvalidRequestError(f"value_precision must be float32 or bfloat16, not {self.value_precision!r}")
+        for name in ("value_precision", "stats_precision"):
+            if getattr(self, name) not in PRECISIONS:
+                raise InvalidRequestError(f"{name} must be one of {', '.join(PRECISIONS)}, not {getattr(self, name)!r}")
+        if self.value_rows_per_pass is not None and self.value_rows_per_pass < 1:
+            raise InvalidRequestError("value_rows_per_pass must be ≥ 1 (or unset: sized automatically)")
         if self.v_num_grad_steps < 1 or self.v_lr <= 0:
             raise InvalidRequestError("v_num_grad_steps must be ≥ 1 and v_lr > 0")
         object.__setattr__(self, "layers", tuple(sorted({int(x) for x in self.layers})))
@@ -79,7 +85,13 @@ class HParams:
     def values(self) -> ValueConfig:
         return ValueConfig(self.v_num_grad_steps, self.v_lr, self.v_weight_decay,
                            self.clamp_norm_factor, self.kl_factor, seed=self.seed,
-                           precision=self.value_precision)
+                           rows_per_pass=self.value_rows_per_pass, precision=self.value_precision)
+
+    @property
+    def stats_settings(self) -> tuple[str, int, str, str]:
+        """Everything besides model and layer that C0 depends on: corpus, tokens,
+        accumulation dtype and forward precision (the key of every C0 cache)."""
+        return self.stats_corpus, self.stats_tokens, self.stats_dtype, self.stats_precision
 
     @property
     def ridge(self) -> float:

@@ -88,17 +88,48 @@ class LoadedModel:
     tokenizer: object
     name: str  # alias, hub id or path as given
     fingerprint: str  # stable hash of the weights' origin (package version, revision...)
-    device: torch.device
+    device: torch.device  # where token ids go (with a device map: the input embedding's device)
 
     @property
     def adapter(self) -> ModelAdapter:
         return ModelAdapter(self.model)
 
+    @property
+    def device_map(self) -> dict[str, object] | None:
+        """accelerate's placement of the modules, when the model was loaded with one."""
+        return getattr(self.model, "hf_device_map", None)
+
+    def placement(self) -> str:
+        """Where the weights are, in words: ``cuda:0``, or a device map's devices by count."""
+        if not self.device_map:
+            return str(self.device)
+        counts: dict[str, int] = {}
+        for where in self.device_map.values():
+            name = f"cuda:{where}" if isinstance(where, int) else str(where)
+            counts[name] = counts.get(name, 0) + 1
+        return "device map: " + ", ".join(f"{name} ×{n}" for name, n in counts.items())
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` is CUDA when present, else the CPU; anything else must exist here."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UnsupportedModelError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UnsupportedModelError(f"device {device!r} asked for, but this machine has no CUDA GPU")
+        if resolved.index is not None and resolved.index >= count:
+            raise UnsupportedModelError(f"device {device!r} asked for, but this machine has {count} GPU(s)")
+    elif resolved.type not in ("cpu", "mps", "xpu"):
+        raise UnsupportedModelError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
+    return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -111,28 +142,53 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return names[dtype]
 
 
+def check_device_map(device_map: str | dict | None) -> str | dict | None:
+    """A device map as accelerate takes it: one of :data:`DEVICE_MAPS` or a dict from
+    module names to a device (``0``, ``"cuda:1"``, ``"cpu"``, ``"disk"``)."""
+    if device_map is None or isinstance(device_map, dict):
+        return device_map
+    if device_map not in DEVICE_MAPS:
+        raise UnsupportedModelError(
+            f"unknown device map {device_map!r}: use {', '.join(DEVICE_MAPS)} or a dict of module -> device"
+        )
+    return device_map
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "float32",
     revision: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
     """Load a causal LM for editing: an offline alias, a local directory or a hub id.
 
     Hub ids download only if the user is online and allows it (``HF_HUB_OFFLINE``);
-    the default path never touches the network.
+    the default path never touches the network. ``device_map`` (``"auto"`` or a dict)
+    lets accelerate spread a model that needs several GPUs over them (and offload what
+    does not fit to the CPU or disk); ``device`` is then not used.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    device_map = check_device_map(device_map)
+    if device_map is not None and str(device) not in ("auto", "None"):
+        raise UnsupportedModelError("give either a device or a device map, not both")
+    torch_device = resolve_device(device) if device_map is None else None
+    torch_dtype = resolve_dtype(dtype)
     if name_or_path in ALIASES:
         source, fingerprint = _alias_snapshot(name_or_path), ALIASES[name_or_path].fingerprint()
         revision = None
     else:
         source, fingerprint = name_or_path, None
+    placement: dict = {}
+    if device_map is not None:
+        folder = offload_folder or tempfile.mkdtemp(prefix="emmet-offload-")
+        placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": str(folder)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=torch_dtype, **placement)
     except (OSError, ValueError) as exc:
         raise UnsupportedModelError(
             f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]} "
@@ -145,20 +201,23 @@ def prepare(
     model: torch.nn.Module,
     tokenizer: object,
     name: str,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = "cpu",
     fingerprint: str | None = None,
 ) -> LoadedModel:
-    """Freeze a model for editing and check the adapter knows its family."""
-    ModelAdapter(model)  # fail early, with the list of supported families
+    """Freeze a model for editing and check the adapter knows its family. A model that
+    accelerate dispatched (``hf_device_map``) stays where it is; ``device`` is then unused."""
+    adapter = ModelAdapter(model)  # fail early, with the list of supported families
     if getattr(tokenizer, "pad_token_id", None) is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "is_fast", False):
         raise UnsupportedModelError(
             f"{name!r} has a slow tokenizer; a fast (Rust) tokenizer is needed for offsets"
         )
-    model.eval().requires_grad_(False).to(resolve_device(device))
+    model.eval().requires_grad_(False)
+    if getattr(model, "hf_device_map", None) is None:
+        model.to(resolve_device(device or "auto"))
     fingerprint = fingerprint or _fingerprint(name, model)
-    return LoadedModel(model, tokenizer, name, fingerprint, resolve_device(device))
+    return LoadedModel(model, tokenizer, name, fingerprint, adapter.input_device())
 
 
 def _fingerprint(name: str, model: torch.nn.Module) -> str:
@@ -174,6 +233,8 @@ def _fingerprint(name: str, model: torch.nn.Module) -> str:
         # Built in memory (tests): hash the weights themselves.
         digest = hashlib.sha256()
         for key, tensor in sorted(model.state_dict().items()):
+            if tensor.device.type == "meta":  # offloaded by a device map: not in memory
+                continue
             digest.update(key.encode())
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
         parts.append(digest.hexdigest())

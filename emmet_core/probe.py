@@ -7,6 +7,7 @@ editing code and never touch weights.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ class TargetScore:
 
     @property
     def prob(self) -> float:
-        return float(torch.tensor(self.logprob).exp())
+        return math.exp(self.logprob)
 
     @property
     def mean_nll(self) -> float:
@@ -63,12 +64,17 @@ def score_targets(
         first_logp = adapter.logits(hidden[:, -1]).log_softmax(-1)  # predicts target token 0
         pairs = [(row, i) for row, p in enumerate(part) for i in asked[p]]
         rest = _continue(adapter, tok.pad_token_id, cache, mask, [(row, t_ids[i]) for row, i in pairs])
+        # Every pair's sums stay on the device; the batch reads them back in one copy.
+        wanted = torch.tensor([t for _, i in pairs for t in t_ids[i]], device=first_logp.device)
+        sums, hits, start = [], [], 0
         for (row, i), later in zip(pairs, rest):
             logp = first_logp[row : row + 1] if later is None else torch.cat([first_logp[row : row + 1], later])
-            wanted = torch.tensor(t_ids[i], device=logp.device)
-            token_logp = logp.gather(1, wanted[:, None])[:, 0]
-            hits = int((logp.argmax(-1) == wanted).sum())
-            scores[i] = TargetScore(float(token_logp.sum()), len(wanted), hits)
+            tokens = wanted[start : start + len(t_ids[i])]
+            start += len(t_ids[i])
+            sums.append(logp.gather(1, tokens[:, None]).sum())
+            hits.append((logp.argmax(-1) == tokens).sum())
+        for (_, i), logprob, hit in zip(pairs, torch.stack(sums).tolist(), torch.stack(hits).tolist()):
+            scores[i] = TargetScore(logprob, len(t_ids[i]), int(hit))
     return scores
 
 
@@ -95,21 +101,29 @@ def _continue(adapter, pad_id: int, cache, mask: torch.Tensor,
 
 
 class _RowSeededTopK(LogitsProcessor):
-    """Top-k sampling written as greedy decoding of (top-k logits + Gumbel noise), each
-    row's noise drawn from its own generator seeded by (seed, prompt). The Gumbel-max
-    trick makes the argmax an exact sample of softmax over the top k; the own generator
-    makes a prompt's continuation independent of the other prompts in its batch."""
+    """Top-k sampling written as greedy decoding: at each step the token kept is the
+    argmax of (top-k logits + Gumbel noise), an exact sample of softmax over the top k
+    (the Gumbel-max trick). Each row's noise comes from its own generator seeded by
+    (seed, prompt), so a prompt's continuation does not depend on the other prompts in
+    its batch nor on the device. The noise of every step is drawn up front on the CPU and
+    copied to the device once."""
 
-    def __init__(self, prompts: list[str], top_k: int, seed: int) -> None:
+    def __init__(self, prompts: list[str], top_k: int, seed: int, steps: int) -> None:
+        uniform = torch.stack([
+            torch.rand(steps, top_k, generator=torch.Generator().manual_seed(_row_seed(seed, p)), device="cpu")
+            for p in prompts])
+        self.gumbel = -torch.log(-torch.log(uniform.clamp(1e-12, 1 - 1e-7)))  # (rows, steps, k)
         self.top_k = top_k
-        self.generators = [torch.Generator().manual_seed(_row_seed(seed, p)) for p in prompts]
+        self.start: int | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.float()
-        kth = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
-        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators])
-        gumbel = -torch.log(-torch.log(uniform.clamp(1e-12, 1 - 1e-7)))
-        return scores.masked_fill(scores < kth, float("-inf")) + gumbel.to(scores.device)
+        if self.start is None:
+            self.start = input_ids.shape[1]
+            self.gumbel = self.gumbel.to(scores.device)
+        noise = self.gumbel[:, input_ids.shape[1] - self.start]
+        top, where = scores.float().topk(min(self.top_k, scores.shape[-1]), dim=-1)
+        chosen = where.gather(1, (top + noise[:, : top.shape[1]]).argmax(-1, keepdim=True))
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
 
 
 def _row_seed(seed: int, prompt: str) -> int:
@@ -133,8 +147,9 @@ def generate(
     texts: list[str] = []
     for first in range(0, len(prompts), batch_size):
         chunk = [p.rstrip() for p in prompts[first : first + batch_size]]
-        enc = tok(chunk, return_tensors="pt", padding=True, padding_side="left").to(loaded.device)
-        sampler = LogitsProcessorList([_RowSeededTopK(chunk, top_k, seed)]) if top_k else None
+        enc = tok(chunk, padding=True, padding_side="left")
+        enc = {name: torch.tensor(enc[name], device=loaded.device) for name in ("input_ids", "attention_mask")}
+        sampler = LogitsProcessorList([_RowSeededTopK(chunk, top_k, seed, max_new_tokens)]) if top_k else None
         out = loaded.model.generate(
             **enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, logits_processor=sampler,
             do_sample=False, top_k=None, top_p=None, temperature=None,

@@ -183,7 +183,7 @@ def _record_key(record: EvalRecord, kind: str, generation: bool, config: EvalCon
     payload = {"request": vars(record.request), "paraphrase": record.paraphrase_prompts,
                "neighborhood": [record.neighborhood_prompts, record.neighborhood_targets],
                "generation": record.generation_prompts if generation else None, "kind": kind,
-               "gen_tokens": config.gen_tokens, "seed": config.seed, "metrics": 1}
+               "gen_tokens": config.gen_tokens, "seed": config.seed, "metrics": 2}
     return digest(payload)
 
 

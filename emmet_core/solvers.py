@@ -78,7 +78,7 @@ def emmet_update(
     residuals, keys, cov = _f64(residuals, keys, cov)
     cinv_k = solve_spd(cov, keys, "C0")  # C⁻¹ K, (d_k, N)
     gram = keys.T @ cinv_k  # Kᵀ C⁻¹ K, (N, N)
-    gram = 0.5 * (gram + gram.T) + ridge * torch.eye(gram.shape[0], dtype=gram.dtype)
+    gram = 0.5 * (gram + gram.T) + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     # Δ = R A⁻¹ (C⁻¹K)ᵀ with A symmetric: solve A X = Rᵀ, then Δ = Xᵀ (C⁻¹K)ᵀ.
     coeffs = solve_spd(gram, residuals.T, "Kᵀ C⁻¹ K + ρI")  # (N, d)
     update = coeffs.T @ cinv_k.T

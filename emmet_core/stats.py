@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .errors import StatsCacheError
 from .hooks import capture_inputs, run_until
 from .models import LoadedModel, cache_dir
+from .precision import check_precision, forward_precision
 
 log = logging.getLogger(__name__)
 
@@ -110,17 +111,20 @@ def corpus_id(corpus: str) -> str:
 
 
 # -- accumulation --------------------------------------------------------------------------
-def _sequences(loaded: LoadedModel, corpus: str, n_tokens: int, seq_len: int) -> Iterator[list[int]]:
-    """Full-length token sequences (BOS first where the model uses one), ``n_tokens`` total."""
+def _sequences(loaded: LoadedModel, corpus: str, n_tokens: int, seq_len: int,
+               docs_per_call: int = 64) -> Iterator[list[int]]:
+    """Full-length token sequences (BOS first where the model uses one), ``n_tokens`` total.
+    Documents are tokenised many at a time (the fast tokenizer spreads a batch over cores)."""
     tok = loaded.tokenizer
     prefix = list(tok("", add_special_tokens=True)["input_ids"])
     body = seq_len - len(prefix)
     buffer: list[int] = []
     produced = 0
-    for text in corpus_texts(corpus):
-        buffer.extend(tok(text, add_special_tokens=False)["input_ids"])
-        if tok.eos_token_id is not None:
-            buffer.append(tok.eos_token_id)
+    for texts in _chunks(corpus_texts(corpus), docs_per_call):
+        for ids in tok(texts, add_special_tokens=False)["input_ids"]:
+            buffer.extend(ids)
+            if tok.eos_token_id is not None:
+                buffer.append(tok.eos_token_id)
         while len(buffer) >= body:
             take = min(body, n_tokens - produced - len(prefix))
             if take <= 0:
@@ -130,6 +134,17 @@ def _sequences(loaded: LoadedModel, corpus: str, n_tokens: int, seq_len: int) ->
             buffer = buffer[body:]
     if buffer and produced < n_tokens:
         yield prefix + buffer[: n_tokens - produced - len(prefix)]
+
+
+def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _batches(sequences: Iterator[list[int]], batch_size: int) -> Iterator[list[list[int]]]:
@@ -144,6 +159,15 @@ def _batches(sequences: Iterator[list[int]], batch_size: int) -> Iterator[list[l
         yield batch
 
 
+def _to_device(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Token ids on ``device``. To a GPU through pinned memory without waiting, so the
+    CPU tokenises the next batch while the GPU still runs this one."""
+    ids = torch.tensor(rows, dtype=torch.long, device="cpu")
+    if device.type != "cuda":
+        return ids.to(device)
+    return ids.pin_memory().to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def compute_covariances(
     loaded: LoadedModel,
@@ -152,44 +176,59 @@ def compute_covariances(
     n_tokens: int = 100_000,
     dtype: torch.dtype = torch.float64,
     seq_len: int = 256,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     progress: bool = True,
+    precision: str = "float32",
 ) -> tuple[dict[int, torch.Tensor], int]:
-    """Uncentred second moments of W's inputs at ``layers``; returns them and the
-    number of tokens actually seen (less than ``n_tokens`` if the corpus is short)."""
+    """Uncentred second moments of W's inputs at ``layers``; returns them (on the CPU) and
+    the number of tokens actually seen (less than ``n_tokens`` if the corpus is short).
+
+    The sums stay on the device of their layer and are read back once at the end; each
+    batch adds Kᵀ K in ``dtype`` (float64 by default), whatever ``precision`` the forward
+    ran at. ``batch_size`` sequences per forward: 16 on a CPU, 64 on a GPU by default.
+    """
     adapter = loaded.adapter
     modules = {layer: adapter.mlp_out(layer) for layer in layers}
     deepest = modules[max(layers)]
-    sums = {layer: torch.zeros(adapter.key_size(layer), adapter.key_size(layer), dtype=dtype) for layer in layers}
+    sums = {layer: torch.zeros(adapter.key_size(layer), adapter.key_size(layer), dtype=dtype,
+                               device=adapter.device(layer)) for layer in layers}
+    batch_size = batch_size or (64 if loaded.device.type == "cuda" else 16)
     seen = 0
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="covariance", file=sys.stderr, disable=not progress)
     sequences = _sequences(loaded, corpus, n_tokens, min(seq_len, adapter.context_length() or seq_len))
-    for rows in _batches(sequences, batch_size):
-        ids = torch.tensor(rows, device=loaded.device)
-        with capture_inputs(modules) as captured:
-            run_until(deepest, loaded.model, input_ids=ids, use_cache=False)
-        for layer, keys in captured.items():
-            flat = keys.reshape(-1, keys.shape[-1]).to(dtype)
-            sums[layer] += (flat.T @ flat).cpu()
-        seen += ids.numel()
-        bar.update(ids.numel())
+    with forward_precision(precision, loaded.device):
+        for rows in _batches(sequences, batch_size):
+            ids = _to_device(rows, loaded.device)
+            with capture_inputs(modules) as captured:
+                run_until(deepest, loaded.model, input_ids=ids, use_cache=False)
+            for layer, keys in captured.items():
+                flat = keys.reshape(-1, keys.shape[-1]).to(sums[layer].device, dtype)
+                sums[layer].addmm_(flat.T, flat)
+            seen += ids.numel()
+            bar.update(ids.numel())
     bar.close()
     if seen == 0:
         raise StatsCacheError(f"corpus {corpus!r} yielded no tokens")
     if seen < n_tokens:
         log.warning("corpus %s has only %d of the %d tokens asked for", corpus, seen, n_tokens)
-    return {layer: total / seen for layer, total in sums.items()}, seen
+    return {layer: (total / seen).cpu() for layer, total in sums.items()}, seen
 
 
 # -- cache ---------------------------------------------------------------------------------
-def _cache_path(loaded: LoadedModel, layer: int, corpus: str, n_tokens: int, dtype: torch.dtype) -> Path:
-    name = f"{corpus_id(corpus)}-L{layer}-n{n_tokens}-{str(dtype).removeprefix('torch.')}.safetensors"
+def _cache_path(loaded: LoadedModel, layer: int, corpus: str, n_tokens: int, dtype: torch.dtype,
+                precision: str = "float32") -> Path:
+    forward = "" if precision == "float32" else f"-{precision}"  # float32 files keep their old names
+    name = f"{corpus_id(corpus)}-L{layer}-n{n_tokens}-{str(dtype).removeprefix('torch.')}{forward}.safetensors"
     return cache_dir() / "stats" / loaded.fingerprint[:16] / name
 
 
-def _expected_meta(loaded: LoadedModel, layer: int, corpus: str, n_tokens: int, dtype: torch.dtype) -> dict:
-    return {"format": _FORMAT, "model": loaded.fingerprint, "layer": str(layer),
+def _expected_meta(loaded: LoadedModel, layer: int, corpus: str, n_tokens: int, dtype: torch.dtype,
+                   precision: str = "float32") -> dict:
+    meta = {"format": _FORMAT, "model": loaded.fingerprint, "layer": str(layer),
             "corpus": corpus_id(corpus), "n_tokens": str(n_tokens), "dtype": str(dtype)}
+    if precision != "float32":
+        meta["precision"] = precision
+    return meta
 
 
 def _sha(tensor: torch.Tensor) -> str:
@@ -221,28 +260,32 @@ def layer_covariances(
     n_tokens: int = 100_000,
     dtype: torch.dtype = torch.float64,
     progress: bool = True,
+    precision: str = "float32",
 ) -> dict[int, torch.Tensor]:
-    """C0 for each layer, from the cache when a valid file exists, else computed (all
-    missing layers in one pass) and cached."""
+    """C0 for each layer (on the CPU), from the cache when a valid file exists, else
+    computed (all missing layers in one pass) and cached. ``precision`` is the forward's
+    (:mod:`precision`): a C0 made at another precision is another cache file."""
     adapter = loaded.adapter
+    check_precision(precision, "stats_precision")
     for layer in layers:
         adapter.check_layer(layer)
+    settings = (corpus, n_tokens, dtype, precision)
     result: dict[int, torch.Tensor] = {}
     for layer in layers:
-        path = _cache_path(loaded, layer, corpus, n_tokens, dtype)
+        path = _cache_path(loaded, layer, *settings)
         if path.is_file():
             try:
-                result[layer] = load_cached(path, _expected_meta(loaded, layer, corpus, n_tokens, dtype),
-                                            adapter.key_size(layer))
+                result[layer] = load_cached(path, _expected_meta(loaded, layer, *settings), adapter.key_size(layer))
             except StatsCacheError as exc:
                 log.warning("recomputing covariance: %s", exc)
     missing = [layer for layer in layers if layer not in result]
     if missing:
-        computed, seen = compute_covariances(loaded, missing, corpus, n_tokens, dtype, progress=progress)
+        computed, seen = compute_covariances(loaded, missing, corpus, n_tokens, dtype, progress=progress,
+                                             precision=precision)
         for layer, cov in computed.items():
-            meta = _expected_meta(loaded, layer, corpus, n_tokens, dtype)
+            meta = _expected_meta(loaded, layer, *settings)
             meta.update(sha256=_sha(cov), tokens_seen=str(seen))
-            path = _cache_path(loaded, layer, corpus, n_tokens, dtype)
+            path = _cache_path(loaded, layer, *settings)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             save_file({"cov": cov.contiguous()}, str(tmp), metadata=meta)

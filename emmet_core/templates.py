@@ -57,12 +57,14 @@ def _sample(
 ) -> list[str]:
     """Top-k sampling of ``length`` tokens after ``starter`` for ``n`` rows."""
     tokenizer, model = loaded.tokenizer, loaded.model
-    ids = tokenizer(starter, return_tensors="pt")["input_ids"].repeat(n, 1).to(loaded.device)
+    ids = torch.tensor([tokenizer(starter)["input_ids"]] * n, device=loaded.device)
     start = ids.shape[1]
     for _ in range(length):
-        logits = model(input_ids=ids, use_cache=False).logits[:, -1, :].float().cpu()
+        logits = model(input_ids=ids, use_cache=False).logits[:, -1, :]
         require_finite(logits, "the model's next-token logits")
-        top_logits, top_ids = logits.topk(top_k, dim=-1)
+        # The seeded generator lives on the CPU (the same templates on every device), so
+        # each step reads back its k candidates, not the whole vocabulary.
+        top_logits, top_ids = (t.cpu() for t in logits.float().topk(top_k, dim=-1))
         choice = torch.multinomial(top_logits.softmax(-1), 1, generator=generator)
         ids = torch.cat([ids, top_ids.gather(1, choice).to(ids.device)], dim=1)
     generated = tokenizer.batch_decode(ids[:, start:], skip_special_tokens=True)

@@ -48,13 +48,14 @@ def pad_rows(
     """Pad to one (B, T) tensor plus attention mask; on the right by default (real tokens
     keep columns 0..n), on the left for texts that a later pass continues from a cache."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        cols = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, cols] = torch.tensor(row, dtype=torch.long)
-        mask[i, cols] = 1
-    return ids.to(device), mask.to(device)
+    ids, mask = [], []
+    for row in rows:
+        pad = [pad_id] * (width - len(row))
+        ids.append(pad + list(row) if left else list(row) + pad)
+        ones, zeros = [1] * len(row), [0] * (width - len(row))
+        mask.append(zeros + ones if left else ones + zeros)
+    # Built in Python and copied once: no per-row writes into a device tensor.
+    return torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(mask, dtype=torch.long, device=device)
 
 
 def check_length(rows: list[list[int]], limit: int | None, what: str) -> None:

@@ -7,7 +7,7 @@ loss, its own early stop and its own norm clamp, so the result is the same as
 optimising the facts one by one. Layers below the insertion point never see δ: their
 output is computed once and replayed each step.
 
-With ``precision="bfloat16"`` everything the steps build on (the prefix cache, the
+With ``precision="bfloat16"`` (or ``"tf32"``) everything the steps build on (the prefix cache, the
 reference pass at δ = 0) runs at the steps' precision too, so the KL term starts at
 exactly zero; only v_init, which v* = v_init + δ is built from, comes from a float32
 pass over the plain prompts.
@@ -19,7 +19,7 @@ import copy
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,8 @@ from .errors import require_finite
 from .hooks import add_at_positions, capture_output, reuse_lower_layers
 from .keys import encode_in_template, module_outputs
 from .models import LoadedModel
+from .passes import PassSizer
+from .precision import check_precision, tf32_matmuls
 from .request import EditRequest
 from .tokens import check_length, encode_with_subject, target_ids
 
@@ -42,11 +44,12 @@ class ValueConfig:
     kl_factor: float = 0.0625
     stop_loss: float = 0.05
     seed: int = 0  # δ starts at zero; the seed is recorded for completeness
-    # Prompt rows per forward batch (a fact has one per template plus its KL prompt).
-    # Measured on a 2-core CPU: ~128 rows is fastest (smollm2-135m, bf16: EMMET 0.92 s per
-    # fact at 84 rows vs 1.04 at 224; ROME 2.8 s at 132 rows vs 3.2 at 352).
-    rows_per_pass: int = 128
-    precision: str = "float32"  # or "bfloat16": optimisation steps under autocast (CPU AMX, GPU)
+    # Prompt rows per pass (a fact has one per template plus its KL prompt). None sizes the
+    # passes (passes.PassSizer): on a CPU 128 rows, the measured best on 2 cores
+    # (smollm2-135m, bf16: EMMET 0.92 s per fact at 84 rows vs 1.04 at 224; ROME 2.8 s at
+    # 132 rows vs 3.2 at 352); on CUDA as many as fit the free memory.
+    rows_per_pass: int | None = None
+    precision: str = "float32"  # "tf32" (CUDA tensor cores) or "bfloat16" (autocast): see precision.py
 
 
 # The ValueResult fields that hold one row per fact (everything but ``steps``).
@@ -64,28 +67,48 @@ class ValueResult:
 
 
 @dataclass
+class _Rows:
+    """Which fact each row is and where its target tokens sit, on one device: the steps
+    read them where the hidden states or logits are (with a device map, the insertion
+    layer, the final norm and the unembedding can each sit on another device)."""
+
+    fact: torch.Tensor  # (B,) which fact each row belongs to
+    tgt_row: torch.Tensor  # flat over all target tokens: row
+    tgt_col: torch.Tensor  # ... suffix column whose logits predict the token
+    tgt_id: torch.Tensor  # ... the token
+    tgt_fact: torch.Tensor  # ... the fact it belongs to
+    tgt_weight: torch.Tensor  # ... 1 / (tokens of that target · prompts of that fact)
+    kl_rows: torch.Tensor  # (N,) row of each fact's "{subject} is a" prompt
+
+
+@dataclass
 class _Batch:
     """Rows split at the subject's last token: a left-padded prefix that δ cannot
     influence (run once, kept as a KV cache) and a right-padded suffix that starts at
-    the subject's last token (run every step). δ therefore sits at suffix column 0."""
+    the subject's last token (run every step). δ therefore sits at suffix column 0.
+    The token tensors live on the model's input device; :meth:`on` gives the indices."""
 
     prefix_ids: torch.Tensor  # (B, P)
     prefix_pos: torch.Tensor  # (B, P) position ids
     suffix_ids: torch.Tensor  # (B, S)
     suffix_pos: torch.Tensor  # (B, S)
     mask: torch.Tensor  # (B, P + S) attention mask over prefix and suffix
-    fact: torch.Tensor  # (B,) which fact each row belongs to
-    tgt_row: torch.Tensor  # flat over all target tokens: row
-    tgt_col: torch.Tensor  # ... suffix column whose logits predict the token
-    tgt_id: torch.Tensor  # ... the token
-    tgt_weight: torch.Tensor  # 1 / (tokens of that target · prompts of that fact)
-    kl_rows: torch.Tensor  # (N,) row of each fact's "{subject} is a" prompt
+    index: dict[str, list]  # the _Rows fields as Python lists
+    _copies: dict[torch.device, _Rows] = field(default_factory=dict)
+
+    def on(self, device: torch.device) -> _Rows:
+        """The row indices on ``device``, copied there once."""
+        if device not in self._copies:
+            self._copies[device] = _Rows(**{
+                name: torch.tensor(values, dtype=torch.float32 if name == "tgt_weight" else torch.long, device=device)
+                for name, values in self.index.items()})
+        return self._copies[device]
 
 
 def _build(loaded: LoadedModel, requests: list[EditRequest], templates: list[str]) -> _Batch:
     tok = loaded.tokenizer
     rows, cuts, fact = [], [], []
-    t_row, t_col, t_id, t_w = [], [], [], []
+    t_row, t_col, t_id, t_fact, t_w = [], [], [], [], []
     for i, request in enumerate(requests):
         target = target_ids(tok, request.target_new)
         for template in templates:
@@ -94,6 +117,7 @@ def _build(loaded: LoadedModel, requests: list[EditRequest], templates: list[str
                 t_row.append(len(rows))
                 t_col.append(len(ids) - 1 + j - last)
                 t_id.append(token)
+                t_fact.append(i)
                 t_w.append(1.0 / (len(target) * len(templates)))
             rows.append(ids + target[:-1])
             cuts.append(last)
@@ -109,23 +133,21 @@ def _build(loaded: LoadedModel, requests: list[EditRequest], templates: list[str
     width_p = max(cuts)
     width_s = max(len(row) - cut for row, cut in zip(rows, cuts))
     pad = tok.pad_token_id
-    prefix = torch.full((len(rows), width_p), pad, dtype=torch.long)
-    suffix = torch.full((len(rows), width_s), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width_p + width_s), dtype=torch.long)
-    for r, (row, cut) in enumerate(zip(rows, cuts)):
-        if cut:
-            prefix[r, width_p - cut :] = torch.tensor(row[:cut])
-        suffix[r, : len(row) - cut] = torch.tensor(row[cut:])
-        mask[r, width_p - cut : width_p + len(row) - cut] = 1
-    cut_t = torch.tensor(cuts)[:, None]
-    prefix_pos = (torch.arange(width_p)[None] - (width_p - cut_t)).clamp_min(0)
-    suffix_pos = cut_t + torch.arange(width_s)[None]
+    prefix, prefix_pos, suffix, suffix_pos, mask = [], [], [], [], []
+    for row, cut in zip(rows, cuts):
+        tail = len(row) - cut
+        prefix.append([pad] * (width_p - cut) + row[:cut])
+        prefix_pos.append([0] * (width_p - cut) + list(range(cut)))
+        suffix.append(row[cut:] + [pad] * (width_s - tail))
+        suffix_pos.append(list(range(cut, cut + width_s)))
+        mask.append([0] * (width_p - cut) + [1] * len(row) + [0] * (width_s - tail))
 
-    def t(values, dtype=torch.long):
-        return torch.as_tensor(values, dtype=dtype).to(loaded.device)
+    def t(values: list) -> torch.Tensor:  # one copy per tensor, straight to the device
+        return torch.tensor(values, dtype=torch.long, device=loaded.device).reshape(len(rows), -1)
 
-    return _Batch(t(prefix), t(prefix_pos), t(suffix), t(suffix_pos), t(mask), t(fact),
-                  t(t_row), t(t_col), t(t_id), t(t_w, torch.float32), t(kl_rows))
+    index = {"fact": fact, "tgt_row": t_row, "tgt_col": t_col, "tgt_id": t_id, "tgt_fact": t_fact,
+             "tgt_weight": t_w, "kl_rows": kl_rows}
+    return _Batch(t(prefix), t(prefix_pos), t(suffix), t(suffix_pos), t(mask), index)
 
 
 @torch.no_grad()
@@ -139,15 +161,18 @@ def _prefix_cache(loaded: LoadedModel, batch: _Batch):
 
 @contextmanager
 def _precision(loaded: LoadedModel, precision: str, modules: list[torch.nn.Module]) -> Iterator[None]:
-    """Run the optimisation steps in bfloat16 autocast if asked; ``modules`` (the layers
-    the steps run through) then compute with bfloat16 copies of their matrices. On CPU,
-    attention switches to the eager kernel meanwhile: the fused bf16 attention backward
-    is slower there than everything else together."""
+    """Run the optimisation steps at ``precision`` (:mod:`precision`). For bfloat16,
+    ``modules`` (the layers the steps run through) compute with bfloat16 copies of their
+    matrices, and on a CPU attention switches to the eager kernel meanwhile: the fused bf16
+    attention backward is slower there than everything else together."""
+    check_precision(precision, "value_precision")
     if precision == "float32":
         yield
         return
-    if precision != "bfloat16":
-        raise ValueError(f"value precision must be float32 or bfloat16, not {precision!r}")
+    if precision == "tf32":
+        with tf32_matmuls():
+            yield
+        return
     model = loaded.model
     previous = model.config._attn_implementation
     swap = loaded.device.type == "cpu" and previous != "eager" and hasattr(model, "set_attn_implementation")
@@ -192,10 +217,12 @@ def _losses(loaded: LoadedModel, batch: _Batch, n: int, cache, kl_init: torch.Te
     adapter = loaded.adapter
     past = copy.deepcopy(cache) if cache is not None else None  # each step extends its own copy
     hidden, _ = adapter.run_body(batch.suffix_ids, batch.mask, batch.suffix_pos, past)
-    logp = adapter.logits(hidden[batch.tgt_row, batch.tgt_col]).float().log_softmax(-1)
-    token_nll = -logp.gather(1, batch.tgt_id[:, None])[:, 0] * batch.tgt_weight
-    nll = torch.zeros(n, device=hidden.device).index_add(0, batch.fact[batch.tgt_row], token_nll)
-    kl_logp = adapter.logits(hidden[batch.kl_rows, 0]).float().log_softmax(-1)
+    at_hidden = batch.on(hidden.device)
+    logp = adapter.logits(hidden[at_hidden.tgt_row, at_hidden.tgt_col]).float().log_softmax(-1)
+    at_logits = batch.on(logp.device)
+    token_nll = -logp.gather(1, at_logits.tgt_id[:, None])[:, 0] * at_logits.tgt_weight
+    nll = torch.zeros(n, dtype=token_nll.dtype, device=logp.device).index_add(0, at_logits.tgt_fact, token_nll)
+    kl_logp = adapter.logits(hidden[at_hidden.kl_rows, 0]).float().log_softmax(-1)
     if kl_init is None:
         return nll, torch.zeros_like(nll), kl_logp
     kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)
@@ -213,31 +240,40 @@ def compute_values(
 ) -> ValueResult:
     """Optimise δ for every fact; ``site`` is "mlp" (ROME) or "residual" (MEMIT/EMMET).
 
-    Facts are optimised together in groups of about ``config.rows_per_pass`` prompt rows;
-    since each fact has its own loss, the grouping does not change the result.
-    ``progress(k)`` is called as each group of k facts is done.
+    Facts are optimised together in passes sized by :class:`passes.PassSizer`; since each
+    fact has its own loss, the grouping does not change the result. Facts with equally
+    long suffixes (tokens from the subject's last one to the end of the target) share a
+    pass, so that little of it is padding; results come back in request order.
+    ``progress(k)`` is called as each pass of k facts is done.
     """
-    size = max(config.rows_per_pass // (len(templates) + 1), 1)
-    if len(requests) <= size:
-        result = _optimise(loaded, requests, templates, layer, site, config)
-        if progress is not None:
-            progress(len(requests))
-        return result
-    # Group facts with equal suffix lengths (tokens from the subject's last one to the end
-    # of the target) so that little of each pass is padding; then put the results back in
-    # request order.
+    sizer = PassSizer(len(templates) + 1, _devices(loaded), config.rows_per_pass)
     lengths = [_suffix_tokens(loaded, r) for r in requests]
     order = sorted(range(len(requests)), key=lambda i: lengths[i])
-    parts = []
-    for k in range(0, len(order), size):
-        parts.append(_optimise(loaded, [requests[i] for i in order[k : k + size]], templates, layer, site, config))
+    parts: list[ValueResult] = []
+    done = 0
+    while done < len(order):
+        chunk = order[done : done + sizer.next_size([lengths[i] for i in order[done:]])]
+        part = sizer.run(lambda chunk=chunk: _optimise(loaded, [requests[i] for i in chunk], templates, layer,
+                                                       site, config), len(chunk), lengths[chunk[-1]])
+        if part is None:  # out of memory: the sizer halved its passes, try again
+            continue
+        parts.append(part)
+        done += len(chunk)
         if progress is not None:
-            progress(len(parts[-1].values))
-    back = torch.empty(len(order), dtype=torch.long)
-    back[torch.tensor(order)] = torch.arange(len(order))
-    joined = {name: torch.cat([getattr(p, name) for p in parts])[back.to(parts[0].values.device)]
-              for name in PER_FACT}
+            progress(len(chunk))
+    if len(parts) == 1 and order == sorted(order):
+        return parts[0]
+    back = [0] * len(order)
+    for position, index in enumerate(order):
+        back[index] = position
+    where = torch.tensor(back, device=parts[0].values.device)
+    joined = {name: torch.cat([getattr(p, name) for p in parts])[where] for name in PER_FACT}
     return ValueResult(**joined, steps=max(p.steps for p in parts))
+
+
+def _devices(loaded: LoadedModel) -> list[torch.device]:
+    """Every device the model's weights occupy (one, unless a device map spreads them)."""
+    return list(dict.fromkeys(p.device for p in loaded.model.parameters() if p.device.type != "meta"))
 
 
 def _suffix_tokens(loaded: LoadedModel, request: EditRequest) -> int:
@@ -279,15 +315,18 @@ def _steps(loaded: LoadedModel, batch: _Batch, module: torch.nn.Module, replay, 
     optimizer = torch.optim.Adam([delta], lr=config.lr)
     max_norm = config.clamp * v_init.norm(dim=1)
     active = torch.ones(n, dtype=torch.bool, device=delta.device)
-    all_rows = torch.arange(len(batch.fact), device=delta.device)
-    with replay, add_at_positions(module, all_rows, torch.zeros_like(all_rows), lambda: delta[batch.fact]):
+    fact = batch.on(delta.device).fact  # δ is added where the insertion module runs
+    rows = torch.arange(len(fact), device=delta.device)
+    debug = log.isEnabledFor(logging.DEBUG)  # reading the losses back waits for the device
+    with replay, add_at_positions(module, rows, torch.zeros_like(rows), lambda: delta[fact]):
         for steps in range(config.steps + 1):  # the last pass only scores the final δ
             nll, kl, _ = _losses(loaded, batch, n, cache, kl_init)
             decay = config.weight_decay * delta.norm(dim=1) / v_init.norm(dim=1) ** 2
-            loss = nll + config.kl_factor * kl + decay
+            loss = (nll + config.kl_factor * kl).to(delta.device) + decay
             active &= loss.detach() >= config.stop_loss
-            log.debug("step %d loss %s", steps, loss.detach().tolist())
-            if steps == config.steps or not active.any():
+            if debug:
+                log.debug("step %d loss %s", steps, loss.detach().tolist())
+            if steps == config.steps or not active.any():  # the one read-back a step needs
                 break
             frozen = delta.detach().clone()
             optimizer.zero_grad()
@@ -297,5 +336,7 @@ def _steps(loaded: LoadedModel, batch: _Batch, module: torch.nn.Module, replay, 
                 delta[~active] = frozen[~active]
                 scale = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
                 delta.mul_(scale[:, None])
-    return ValueResult(v_init + delta.detach(), v_init, nll0.detach(), nll.detach(), loss.detach(), steps)
+    here = delta.device  # every result on the device of the insertion module
+    return ValueResult(v_init + delta.detach(), v_init, nll0.detach().to(here), nll.detach().to(here),
+                       loss.detach(), steps)
 

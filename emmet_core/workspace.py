@@ -179,7 +179,7 @@ class SharedModel:
 
 
 def _stats_key(hp: HParams, layer: int) -> tuple:
-    return layer, hp.stats_corpus, hp.stats_tokens, hp.stats_dtype
+    return layer, *hp.stats_settings
 
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

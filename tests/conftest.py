@@ -24,6 +24,17 @@ CORPUS = [
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+# Tests that take a ``device`` argument run on the CPU always and on CUDA where there is a
+# GPU (marked ``gpu``: ``make test-gpu`` runs just those). Without a GPU the CUDA cases are
+# not generated at all, so nothing is skipped that pretends to cover CUDA.
+CUDA = torch.cuda.is_available()
+DEVICES = [pytest.param("cpu", id="cpu"), *([pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)] if CUDA else [])]
+
+
+def pytest_generate_tests(metafunc):
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", DEVICES)
+
 
 def make_tokenizer(kind: str):
     """Train a ~300-token tokenizer in memory: 'bpe' (GPT-2 style) or 'sp' (Metaspace)."""
@@ -103,11 +114,11 @@ def corpus_file(tmp_path) -> Path:
     return path
 
 
-def tiny(family: str, tokenizers):
+def tiny(family: str, tokenizers, device: str = "cpu"):
     from emmet_core.models import prepare
 
     tokenizer = tokenizers[TOKENIZER_OF[family]]
-    return prepare(make_model(family, len(tokenizer)), tokenizer, f"tiny-{family}", "cpu")
+    return prepare(make_model(family, len(tokenizer)), tokenizer, f"tiny-{family}", device)
 
 
 def tiny_hparams(editor, algorithm: str, corpus: Path, layers=None, **changes):

@@ -28,8 +28,8 @@ ROCARD = EditRequest("{} is a native speaker of", "Michel Rocard", "German", "Fr
 TOKO = EditRequest("{} plays the", "Toko Yasuda", "piano", "guitar")
 
 
-def tiny_loaded(tokenizer):
-    return prepare(make_model("llama", len(tokenizer)), tokenizer, "tiny-llama", "cpu")
+def tiny_loaded(tokenizer, device="cpu"):
+    return prepare(make_model("llama", len(tokenizer)), tokenizer, "tiny-llama", device)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,8 @@ def tokenizer():
 
 
 @pytest.fixture
-def shared(tokenizer, isolated_cache, corpus_file):
-    shared = SharedModel(tiny_loaded(tokenizer))
+def shared(tokenizer, device, isolated_cache, corpus_file):
+    shared = SharedModel(tiny_loaded(tokenizer, device))
     shared.corpus = corpus_file
     return shared
 
@@ -114,7 +114,7 @@ def test_a_session_replays_to_the_editors_weights_bit_for_bit(shared, tokenizer)
     """Writing a session (original + its deltas in order) gives exactly what an Editor
     applying the same edits to its own copy of the model produces."""
     session = Session(shared)
-    plain = Editor(tiny_loaded(tokenizer))
+    plain = Editor(tiny_loaded(tokenizer, shared.loaded.device))
     for algorithm, request in (("rome", DARRIEUX), ("memit", ROCARD), ("emmet", TOKO)):
         settings = hp(session, algorithm, shared.corpus)
         session.edit([request], algorithm, hparams=settings)
@@ -133,7 +133,8 @@ def test_a_replay_that_would_round_differently_keeps_the_exact_weights(shared):
         shared._write(session.records)
         adapter.add_delta(2, delta)
         with torch.no_grad():  # as if the Editor had rounded one element differently
-            adapter.weight(2).view(-1)[0] = torch.nextafter(adapter.weight(2).view(-1)[0], torch.tensor(1.0))
+            first = adapter.weight(2).view(-1)[0]
+            adapter.weight(2).view(-1)[0] = torch.nextafter(first, torch.ones_like(first))
         made = adapter.weight(2).detach().clone()
         session._check_replay(record)
         shared._restore()

@@ -16,9 +16,9 @@ pytestmark = pytest.mark.slow
 DATA = str(SHARED_DATA / "counterfact" / "counterfact-edit.json")
 
 
-def test_eval_emmet_batches_resume_and_plot(tmp_path, capsys):
+def test_eval_emmet_batches_resume_and_plot(device, tmp_path, capsys):
     out = tmp_path / "emmet-b5"
-    args = ["eval", "--model", "smollm2-135m", "--algo", "emmet", "--data", DATA, "--n", "10",
+    args = ["eval", "--model", "smollm2-135m", "--device", device, "--algo", "emmet", "--data", DATA, "--n", "10",
             "--batch-size", "5", "--gen-tokens", "20", "--out", str(out)]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -58,10 +58,10 @@ def test_eval_emmet_batches_resume_and_plot(tmp_path, capsys):
     assert f"{summary['post']['ES']:.1f}" in table[3]
 
 
-def test_eval_rome_sequential_and_bad_data(tmp_path):
+def test_eval_rome_sequential_and_bad_data(device, tmp_path):
     out = tmp_path / "rome-seq"
-    assert main(["eval", "--algo", "rome", "--data", DATA, "--n", "2", "--offset", "3", "--sequential",
-                 "--gen-tokens", "10", "--out", str(out)]) == 0
+    assert main(["eval", "--algo", "rome", "--device", device, "--data", DATA, "--n", "2", "--offset", "3",
+                 "--sequential", "--gen-tokens", "10", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sequential"] is True and summary["n"] == 2
     bad = tmp_path / "bad.json"

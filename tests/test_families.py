@@ -23,8 +23,8 @@ FACTS = [
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("algorithm", ["rome", "emmet"])
-def test_edit_maps_key_to_value_and_undo_is_exact(family, algorithm, tokenizers, isolated_cache, corpus_file):
-    loaded = tiny(family, tokenizers)
+def test_edit_maps_key_to_value_and_undo_is_exact(family, algorithm, device, tokenizers, isolated_cache, corpus_file):
+    loaded = tiny(family, tokenizers, device)
     adapter = loaded.adapter
     editor = Editor(loaded)
     saved = weights_of(loaded.model)
@@ -55,8 +55,8 @@ def test_edit_maps_key_to_value_and_undo_is_exact(family, algorithm, tokenizers,
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_memit_edits_several_layers_and_reset_is_exact(family, tokenizers, isolated_cache, corpus_file):
-    loaded = tiny(family, tokenizers)
+def test_memit_edits_several_layers_and_reset_is_exact(family, device, tokenizers, isolated_cache, corpus_file):
+    loaded = tiny(family, tokenizers, device)
     editor = Editor(loaded)
     saved = weights_of(loaded.model)
     if loaded.adapter.spec.post_mlp_norm:  # Gemma 3: the MLP output is normalised
@@ -75,8 +75,8 @@ def test_memit_edits_several_layers_and_reset_is_exact(family, tokenizers, isola
     assert same_weights(loaded.model, saved) and not editor.history
 
 
-def test_sequential_undo_steps_back_one_edit_at_a_time(tokenizers, isolated_cache, corpus_file):
-    loaded = tiny("llama", tokenizers)
+def test_sequential_undo_steps_back_one_edit_at_a_time(device, tokenizers, isolated_cache, corpus_file):
+    loaded = tiny("llama", tokenizers, device)
     editor = Editor(loaded)
     states = [weights_of(loaded.model)]
     for fact in FACTS:
@@ -95,16 +95,16 @@ def test_gpt2_conv1d_layout_comes_from_the_module_class(tokenizers):
     assert not tiny("llama", tokenizers).adapter.transposed(0)
 
 
-def test_export_and_load_from_local_directory(tokenizers, isolated_cache, corpus_file, tmp_path):
-    loaded = tiny("qwen2", tokenizers)
+def test_export_and_load_from_local_directory(device, tokenizers, isolated_cache, corpus_file, tmp_path):
+    loaded = tiny("qwen2", tokenizers, device)
     editor = Editor(loaded)
     editor.apply([FACT], hparams=tiny_hparams(editor, "rome", corpus_file))
     path = editor.save_pretrained(tmp_path / "edited")
-    reloaded = load_model(str(path), device="cpu")
+    reloaded = load_model(str(path), device=device)
     assert reloaded.name == str(path)
     for key, value in loaded.model.state_dict().items():
         assert torch.equal(value, reloaded.model.state_dict()[key]), key
-    ids = loaded.tokenizer("The mother tongue of Danielle Darrieux is", return_tensors="pt")["input_ids"]
+    ids = loaded.tokenizer("The mother tongue of Danielle Darrieux is", return_tensors="pt")["input_ids"].to(device)
     assert torch.equal(loaded.model(ids).logits, reloaded.model(ids).logits)
 
 
@@ -117,12 +117,12 @@ def test_unknown_family_names_what_is_supported(tokenizers):
         ModelAdapter(model)
 
 
-def test_original_rome_enforces_the_plain_prompt_key(tokenizers, isolated_cache, corpus_file):
+def test_original_rome_enforces_the_plain_prompt_key(device, tokenizers, isolated_cache, corpus_file):
     """rome_variant=original: Ŵ k_p = v* for the plain-prompt key, not for the mean key."""
     from emmet_core.keys import compute_keys
     from emmet_core.templates import context_templates
 
-    loaded = tiny("llama", tokenizers)
+    loaded = tiny("llama", tokenizers, device)
     editor = Editor(loaded)
     hp = tiny_hparams(editor, "rome", corpus_file, rome_variant="original")
     templates = context_templates(loaded, [list(x) for x in hp.context_templates], seed=hp.seed)

@@ -15,8 +15,10 @@ from emmet_core.hooks import capture_inputs
 from emmet_core.stats import _cache_path, _sequences, compute_covariances, corpus_texts, layer_covariances
 
 
-def test_covariance_matches_direct_computation(tokenizers, corpus_file):
-    loaded = tiny("gpt2", tokenizers)
+def test_covariance_matches_direct_computation(device, tokenizers, corpus_file):
+    """The sums stay on the model's device in float64 and are read back once: they equal
+    Kᵀ K / n over every key of the corpus, gathered one sequence at a time."""
+    loaded = tiny("gpt2", tokenizers, device)
     covs, seen = compute_covariances(loaded, [1, 2], str(corpus_file), n_tokens=700, seq_len=64,
                                      batch_size=3, progress=False)
     assert seen == 700
@@ -24,9 +26,9 @@ def test_covariance_matches_direct_computation(tokenizers, corpus_file):
     for sequence in _sequences(loaded, str(corpus_file), 700, 64):
         modules = {layer: loaded.adapter.mlp_out(layer) for layer in (1, 2)}
         with torch.no_grad(), capture_inputs(modules) as captured:
-            loaded.model(input_ids=torch.tensor([sequence]))
+            loaded.model(input_ids=torch.tensor([sequence], device=device))
         for layer in (1, 2):
-            keys[layer].append(captured[layer][0].double())
+            keys[layer].append(captured[layer][0].double().cpu())
     for layer in (1, 2):
         k = torch.cat(keys[layer])
         assert k.shape[0] == 700

@@ -45,7 +45,7 @@ def theory() -> None:
 def c0_spectrum(session: Session, record: EditRecord, layer: int):
     """Eigenvalues of the C0 this edit used, computed once per browser session."""
     hp = record.results[0].hparams
-    key = (session.loaded.fingerprint, layer, hp.stats_corpus, hp.stats_tokens, hp.stats_dtype)
+    key = (session.loaded.fingerprint, layer, *hp.stats_settings)
     spectra = state.setdefault("c0_spectra", {})
     if key not in spectra:
         cov = session.shared.covariance(hp, layer)
