@@ -30,6 +30,9 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="offline alias, hub id or local directory")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1...")
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="spread the model over several GPUs with accelerate: auto, balanced, sequential, "
+                             "or a JSON object (or .json file) of module -> device; replaces --device")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--corpus", default=None, help="covariance corpus: wiki-offline, a file, or hf:NAME")
     parser.add_argument("--tokens", type=int, default=None, help="covariance token budget")
@@ -81,7 +84,40 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(stats)
     stats.add_argument("--layers", required=True, help="layers, e.g. 4 or 3-5")
     stats.add_argument("--dtype-stats", default="float64", choices=["float32", "float64"])
+    stats.add_argument("--precision", default="float32", choices=["float32", "tf32", "bfloat16"],
+                       help="the forward's matrix products (tf32: CUDA tensor cores); sums stay --dtype-stats")
     return parser
+
+
+def parse_device_map(text: str | None) -> str | dict | None:
+    """``--device-map``: a name accelerate knows, or a JSON object inline or in a file."""
+    if not text:
+        return None
+    source = text
+    if text.endswith(".json"):
+        try:
+            source = Path(text).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise EditError(f"cannot read --device-map {text}: {exc.strerror or exc}") from None
+    if source.lstrip().startswith("{"):
+        try:
+            mapping = json.loads(source)
+        except json.JSONDecodeError as exc:
+            raise EditError(f"--device-map is not valid JSON: {exc.msg}") from None
+        if not isinstance(mapping, dict):
+            raise EditError("--device-map must be a JSON object of module -> device")
+        return mapping
+    return text
+
+
+def load(args: argparse.Namespace):
+    """The model the command works on, placed by --device or --device-map."""
+    from .models import load_model
+
+    device_map = parse_device_map(args.device_map)
+    if device_map is not None:
+        return load_model(args.model, device=args.device, dtype=args.dtype, device_map=device_map)
+    return load_model(args.model, device=args.device, dtype=args.dtype)
 
 
 def parse_sets(items: list[str]) -> dict[str, object]:
@@ -116,11 +152,10 @@ def _requests(args: argparse.Namespace) -> list[dict]:
 
 def cmd_edit(args: argparse.Namespace) -> dict:
     from .editor import Editor
-    from .models import load_model
     from .probe import generate, score_targets
 
     started = time.perf_counter()
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    loaded = load(args)
     load_seconds = time.perf_counter() - started
     editor = Editor(loaded, on_phase=lambda phase: print(f"[emmet] {phase}", file=sys.stderr))
     hp = editor.hparams(args.algo, layers=parse_layers(args.layers), seed=args.seed,
@@ -150,7 +185,7 @@ def cmd_edit(args: argparse.Namespace) -> dict:
     report = {"model": args.model, "model_fingerprint": loaded.fingerprint, "algorithm": hp.algorithm,
               "layers": list(hp.layers), **{k: v for k, v in edits[0].items() if k != "prompt"},
               "prompt": edits[0]["prompt"], "edits": edits, "delta_norms": result.to_dict()["delta_norms"],
-              "seconds": seconds, "hparams": hp.to_dict(), "device": str(loaded.device), "versions": versions()}
+              "seconds": seconds, "hparams": hp.to_dict(), "device": loaded.placement(), "versions": versions()}
     return report
 
 
@@ -170,18 +205,18 @@ def _print_edit(report: dict) -> None:
 def cmd_stats(args: argparse.Namespace) -> dict:
     import torch
 
-    from .models import load_model
     from .stats import DEFAULT_CORPUS, layer_covariances
 
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    loaded = load(args)
     layers = parse_layers(args.layers) or ()
     corpus, tokens = args.corpus or DEFAULT_CORPUS, args.tokens or 100_000
     started = time.perf_counter()
-    covs = layer_covariances(loaded, list(layers), corpus, tokens, getattr(torch, args.dtype_stats))
+    covs = layer_covariances(loaded, list(layers), corpus, tokens, getattr(torch, args.dtype_stats),
+                             precision=args.precision)
     seconds = time.perf_counter() - started
     for layer, cov in covs.items():
         print(f"layer {layer}: C0 {tuple(cov.shape)}, trace {float(cov.trace()):.4g}")
-    print(f"{len(covs)} layer(s), {tokens} tokens of {corpus}, {seconds:.1f}s")
+    print(f"{len(covs)} layer(s), {tokens} tokens of {corpus}, {seconds:.1f}s on {loaded.placement()}")
     return {"layers": list(covs), "seconds": seconds}
 
 
@@ -202,7 +237,6 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     if not args.data or not args.out:
         raise EditError("emmet eval needs --data and --out (or --plot DIR...)")
     from .editor import Editor
-    from .models import load_model
     from .runner import EvalConfig, run_eval
 
     dataset = load_dataset(args.data, skip_bad=args.skip_bad)
@@ -210,7 +244,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     dataset.records = dataset.records[args.offset : end]
     if not dataset.records:
         raise EditError(f"no records left after --offset {args.offset} --n {args.n}")
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    loaded = load(args)
     overrides = {k: v for k, v in {"layers": parse_layers(args.layers), "stats_corpus": args.corpus,
                                     "stats_tokens": args.tokens}.items() if v is not None}
     overrides.update(parse_sets(args.hparam))

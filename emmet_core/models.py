@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,17 +184,24 @@ def load_model(
     else:
         source, fingerprint = name_or_path, None
     placement: dict = {}
+    scratch = None  # an offload folder of our own, removed with the model
     if device_map is not None:
-        folder = offload_folder or tempfile.mkdtemp(prefix="emmet-offload-")
-        placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": str(folder)}
+        if offload_folder is None:
+            (cache_dir() / "offload").mkdir(exist_ok=True)
+            offload_folder = scratch = tempfile.mkdtemp(prefix="run-", dir=cache_dir() / "offload")
+        placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": str(offload_folder)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=torch_dtype, **placement)
     except (OSError, ValueError) as exc:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
         raise UnsupportedModelError(
             f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]} "
             f"(offline aliases: {', '.join(ALIASES)})"
         ) from exc
+    if scratch:
+        weakref.finalize(model, shutil.rmtree, scratch, True)
     return prepare(model, tokenizer, name_or_path, torch_device, fingerprint)
 
 

@@ -19,12 +19,14 @@ from contextlib import contextmanager
 
 import torch
 
+from .errors import InvalidRequestError
+
 PRECISIONS = ("float32", "tf32", "bfloat16")
 
 
 def check_precision(precision: str, what: str) -> None:
     if precision not in PRECISIONS:
-        raise ValueError(f"{what} must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        raise InvalidRequestError(f"{what} must be one of {', '.join(PRECISIONS)}, not {precision!r}")
 
 
 @contextmanager

@@ -120,6 +120,7 @@ def _write_summary(out: Path, editor: Editor, dataset: Dataset, config: EvalConf
     records so far) after every chunk before that, so a long run can be read early."""
     summary = {
         "model": model_name, "model_fingerprint": editor.loaded.fingerprint, "algorithm": config.algorithm,
+        "device": editor.loaded.placement(), "dtype": str(next(editor.loaded.model.parameters()).dtype),
         "data": dataset.name, "n": len(done), "n_planned": len(dataset.records), "complete": complete,
         "skipped": len(dataset.skipped), "batch_size": config.batch_size, "sequential": config.sequential,
         "pre": summarise([d["pre"] for d in done]), "post": summarise([d["post"] for d in done]),

@@ -243,3 +243,17 @@ def test_a_model_that_cannot_load_gets_a_message(tiny_app, tmp_path):
     assert any("Choose a model" in i.value for i in at.info)
     at.text_input(key="model_other").set_value(tiny_app["name"]).run()
     assert not at.exception and at.button(key="apply")
+
+
+def test_placement_spreads_the_model_with_accelerate(tiny_app):
+    """The sidebar's placement: "all GPUs" loads through accelerate's device_map="auto"
+    (on a machine without a GPU it places everything on the CPU) and edits work there."""
+    at = app()
+    assert at.selectbox(key="placement").value == "one device"
+    at.selectbox(key="placement").set_value("all GPUs (device_map=auto)").run()
+    assert not at.exception and not at.sidebar.error
+    apply_edit(at)
+    assert not at.exception and not at.error
+    session = session_of(at, tiny_app)
+    assert len(session.records) == 1
+    assert same_weights(session.shared.loaded.model, tiny_app["weights"])

@@ -115,6 +115,24 @@ def test_sampled_text_depends_on_prompt_and_seed_not_on_the_batch(tokenizers):
     assert generate(loaded, prompts, 12, top_k=5, seed=3) == batched
 
 
+def test_the_sampler_draws_exactly_from_softmax_over_the_top_k():
+    """Gumbel noise on the top k logits, drawn up front per prompt: the token kept is a
+    sample of softmax(top k), and nothing outside the top k is ever kept."""
+    from emmet_core.probe import _RowSeededTopK
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 5.0, -9.0]])
+    rows = 6000
+    sampler = _RowSeededTopK([f"prompt {i}" for i in range(rows)], top_k=3, seed=0, steps=1)
+    kept = sampler(torch.zeros(rows, 4, dtype=torch.long), logits.repeat(rows, 1))
+    chosen = kept.argmax(-1)
+    assert torch.isinf(kept).sum(-1).eq(5).all()  # one finite entry per row
+    counts = torch.bincount(chosen, minlength=6).double() / rows
+    expected = torch.zeros(6, dtype=torch.float64)
+    expected[[4, 0, 1]] = torch.tensor([5.0, 2.0, 1.0], dtype=torch.float64).softmax(0)
+    assert counts[[2, 3, 5]].sum() == 0
+    assert torch.allclose(counts, expected, atol=0.02)
+
+
 def test_set_overrides_parse_yaml_values():
     assert parse_sets(["kl_factor=0.1", "layers=[3, 4]", "value_precision=bfloat16"]) == {
         "kl_factor": 0.1, "layers": [3, 4], "value_precision": "bfloat16"}

@@ -176,6 +176,23 @@ def test_device_and_device_map_arguments_are_checked(saved_llama):
             resolve_device("cuda")
 
 
+def test_cli_takes_a_device_map_inline_or_from_a_file(saved_llama, tmp_path, isolated_cache, capsys):
+    import json
+
+    from emmet_core.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(CORPUS * 8), encoding="utf-8")
+    common = ["stats", "--model", str(saved_llama), "--layers", "2", "--corpus", str(corpus), "--tokens", "500"]
+    assert main([*common, "--device-map", json.dumps(LLAMA_MAP)]) == 0
+    assert "device map: cpu ×6, disk ×2" in capsys.readouterr().out
+    (tmp_path / "map.json").write_text(json.dumps(LLAMA_MAP))
+    assert main([*common, "--device-map", str(tmp_path / "map.json")]) == 0
+    assert main([*common, "--device-map", "{not json"]) == 2
+    assert main([*common, "--device-map", "everywhere"]) == 2
+    assert "emmet: error: unknown device map 'everywhere'" in capsys.readouterr().err
+
+
 def test_device_map_auto_loads_and_edits(saved_llama, tmp_path, isolated_cache, corpus_file):
     """``device_map="auto"`` as a user types it: accelerate places the model on what this
     machine has (the GPU(s) where there are some, else the CPU) and edits work there."""

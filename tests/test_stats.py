@@ -43,6 +43,30 @@ def test_sequences_are_full_length_with_bos(tokenizers, corpus_file):
     assert all(len(s) == 50 for s in sequences[:-1]) and sum(map(len, sequences)) == 1000
 
 
+def test_documents_tokenised_together_give_the_same_stream_as_one_by_one(tokenizers, corpus_file):
+    loaded = tiny("gpt2", tokenizers)
+    one = list(_sequences(loaded, str(corpus_file), 2000, 40, docs_per_call=1))
+    many = list(_sequences(loaded, str(corpus_file), 2000, 40, docs_per_call=64))
+    assert one == many and sum(map(len, many)) == 2000
+
+
+def test_forward_precision_is_part_of_the_cache_key(tokenizers, corpus_file, isolated_cache):
+    """A C0 whose forward ran in bfloat16 is close to the float32 one, but a different
+    file: asking for either never returns the other."""
+    loaded = tiny("llama", tokenizers)
+    exact = layer_covariances(loaded, [1], str(corpus_file), n_tokens=500, progress=False)[1]
+    rounded = layer_covariances(loaded, [1], str(corpus_file), n_tokens=500, progress=False,
+                                precision="bfloat16")[1]
+    assert not torch.equal(exact, rounded)
+    assert float((exact - rounded).norm() / exact.norm()) < 0.05
+    files = {p.name for p in (isolated_cache / "stats").rglob("*.safetensors")}
+    assert len(files) == 2 and any(name.endswith("-bfloat16.safetensors") for name in files)
+    again = layer_covariances(loaded, [1], str(corpus_file), n_tokens=500, progress=False)[1]
+    assert torch.equal(again, exact)
+    with pytest.raises(ValueError, match="stats_precision"):
+        layer_covariances(loaded, [1], str(corpus_file), n_tokens=500, progress=False, precision="fp8")
+
+
 def test_only_layers_up_to_the_deepest_run(tokenizers, corpus_file):
     loaded = tiny("llama", tokenizers)
     calls = []

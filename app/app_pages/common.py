@@ -65,11 +65,24 @@ def relation_index(directory: str | None) -> RelationIndex | None:
 
 
 # -- the model and this session ------------------------------------------------------------
+# Where the model goes: one device (CUDA when present, else the CPU), or spread by
+# accelerate over every GPU (and the CPU/disk for what does not fit) for models larger
+# than one card. ``EMMET_DEVICE_MAP=auto`` makes the spread the default.
+PLACEMENTS = {"one device": None, "all GPUs (device_map=auto)": "auto"}
+
+
+def default_placement() -> str:
+    wanted = os.environ.get("EMMET_DEVICE_MAP")
+    return next((label for label, value in PLACEMENTS.items() if value == wanted), "one device")
+
+
 @st.cache_resource(show_spinner=False, max_entries=2)
-def shared_model(name: str) -> SharedModel:
+def shared_model(name: str, device_map: str | None = None) -> SharedModel:
     """One copy per process for every session (on the GPU when there is one). Sessions
     never change it outside its lock, and leave it with its original weights."""
-    return SharedModel(load_model(name, device="auto"))
+    if device_map is None:
+        return SharedModel(load_model(name, device="auto"))
+    return SharedModel(load_model(name, device_map=device_map))
 
 
 def init_state() -> None:
@@ -77,6 +90,7 @@ def init_state() -> None:
     state.setdefault("sessions", {})  # model name -> Session
     state.setdefault("model_choice", default_model() if default_model() in ALIASES else OTHER_MODEL)
     state.setdefault("model_other", "" if default_model() in ALIASES else default_model())
+    state.setdefault("placement", default_placement())
     first = examples()[0] if examples() else {"subject": "", "prompt": "", "target_new": ""}
     for key in ("subject", "prompt", "target_new"):
         state.setdefault(key, first[key])
@@ -100,6 +114,10 @@ def model_picker() -> None:
                           "family works by hub id or local directory.")
         if st.session_state["model_choice"] == OTHER_MODEL:
             st.text_input("Hub id or local path", key="model_other", placeholder="gpt2-xl or /path/to/model")
+        st.selectbox("Placement", list(PLACEMENTS), key="placement",
+                     help="One device: the GPU when there is one, else the CPU. All GPUs: accelerate spreads "
+                          "a model too large for one card over every GPU (what does not fit goes to the CPU "
+                          "or disk; layers placed there cannot be edited).")
 
 
 def session() -> Session | None:
@@ -110,7 +128,7 @@ def session() -> Session | None:
         return None
     try:
         with st.spinner(f"Loading {name} (once per server)…"):
-            shared = shared_model(name)
+            shared = shared_model(name, PLACEMENTS.get(st.session_state.get("placement", ""), None))
     except EditError as exc:
         st.sidebar.error(str(exc))
         return None
@@ -133,7 +151,7 @@ def sidebar_status(current: Session | None) -> None:
             return
         loaded = current.loaded
         adapter = loaded.adapter
-        st.caption(f"{adapter.model_type} · {adapter.num_layers} layers · {loaded.device}")
+        st.caption(f"{adapter.model_type} · {adapter.num_layers} layers · {loaded.placement()}")
         count = len(current.records)
         st.markdown(f"**{count} edit{'s' if count != 1 else ''}** in this browser session")
         st.caption("Your edits are private: other sessions see the original model.")
