@@ -140,6 +140,8 @@ class PassSizer:
             return None
         row_tokens = facts * self.rows_per_fact * suffix_tokens
         for device in self.devices:
-            cost = self.memory.peak_since_start(device) / row_tokens
-            self.cost[device] = max(self.cost.get(device, 0.0), cost)
+            peak = self.memory.peak_since_start(device)
+            self.cost[device] = max(self.cost.get(device, 0.0), peak / row_tokens)
+            log.info("value pass of %d facts (%d row-tokens) took %.2f GiB on %s", facts, row_tokens, peak / 2**30,
+                     device)
         return result

@@ -111,11 +111,10 @@ def corpus_id(corpus: str) -> str:
 
 
 # -- accumulation --------------------------------------------------------------------------
-def _sequences(loaded: LoadedModel, corpus: str, n_tokens: int, seq_len: int,
-               docs_per_call: int = 64) -> Iterator[list[int]]:
-    """Full-length token sequences (BOS first where the model uses one), ``n_tokens`` total.
-    Documents are tokenised many at a time (the fast tokenizer spreads a batch over cores)."""
-    tok = loaded.tokenizer
+def token_sequences(tok, corpus: str, n_tokens: int, seq_len: int, docs_per_call: int = 64) -> Iterator[list[int]]:
+    """Full-length token sequences (BOS first where the tokenizer adds one), ``n_tokens``
+    total. Documents are tokenised many at a time (the fast tokenizer spreads a batch over
+    cores)."""
     prefix = list(tok("", add_special_tokens=True)["input_ids"])
     body = seq_len - len(prefix)
     buffer: list[int] = []
@@ -195,7 +194,7 @@ def compute_covariances(
     batch_size = batch_size or (64 if loaded.device.type == "cuda" else 16)
     seen = 0
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="covariance", file=sys.stderr, disable=not progress)
-    sequences = _sequences(loaded, corpus, n_tokens, min(seq_len, adapter.context_length() or seq_len))
+    sequences = token_sequences(loaded.tokenizer, corpus, n_tokens, min(seq_len, adapter.context_length() or seq_len))
     with forward_precision(precision, loaded.device):
         for rows in _batches(sequences, batch_size):
             ids = _to_device(rows, loaded.device)

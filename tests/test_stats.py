@@ -12,7 +12,7 @@ from conftest import tiny
 
 from emmet_core.errors import StatsCacheError
 from emmet_core.hooks import capture_inputs
-from emmet_core.stats import _cache_path, _sequences, compute_covariances, corpus_texts, layer_covariances
+from emmet_core.stats import _cache_path, compute_covariances, corpus_texts, layer_covariances, token_sequences
 
 
 def test_covariance_matches_direct_computation(device, tokenizers, corpus_file):
@@ -23,7 +23,7 @@ def test_covariance_matches_direct_computation(device, tokenizers, corpus_file):
                                      batch_size=3, progress=False)
     assert seen == 700
     keys = {1: [], 2: []}
-    for sequence in _sequences(loaded, str(corpus_file), 700, 64):
+    for sequence in token_sequences(loaded.tokenizer, str(corpus_file), 700, 64):
         modules = {layer: loaded.adapter.mlp_out(layer) for layer in (1, 2)}
         with torch.no_grad(), capture_inputs(modules) as captured:
             loaded.model(input_ids=torch.tensor([sequence], device=device))
@@ -37,7 +37,7 @@ def test_covariance_matches_direct_computation(device, tokenizers, corpus_file):
 
 def test_sequences_are_full_length_with_bos(tokenizers, corpus_file):
     loaded = tiny("llama", tokenizers)  # SentencePiece tokenizer that adds <s>
-    sequences = list(_sequences(loaded, str(corpus_file), 1000, 50))
+    sequences = list(token_sequences(loaded.tokenizer, str(corpus_file), 1000, 50))
     bos = tokenizers["sp"].bos_token_id
     assert all(s[0] == bos for s in sequences)
     assert all(len(s) == 50 for s in sequences[:-1]) and sum(map(len, sequences)) == 1000
@@ -45,8 +45,8 @@ def test_sequences_are_full_length_with_bos(tokenizers, corpus_file):
 
 def test_documents_tokenised_together_give_the_same_stream_as_one_by_one(tokenizers, corpus_file):
     loaded = tiny("gpt2", tokenizers)
-    one = list(_sequences(loaded, str(corpus_file), 2000, 40, docs_per_call=1))
-    many = list(_sequences(loaded, str(corpus_file), 2000, 40, docs_per_call=64))
+    one = list(token_sequences(loaded.tokenizer, str(corpus_file), 2000, 40, docs_per_call=1))
+    many = list(token_sequences(loaded.tokenizer, str(corpus_file), 2000, 40, docs_per_call=64))
     assert one == many and sum(map(len, many)) == 2000
 
 
