@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 pytestmark = pytest.mark.slow
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
