@@ -32,7 +32,7 @@ def test_gpu_bench_dry_run_writes_every_stage(tmp_path):
     assert set(stages) == expected
     assert {name: entry["status"] for name, entry in stages.items()} == dict.fromkeys(expected, "ok")
     assert stages["gpt2-xl:workspace"]["ok"] is True
-    assert stages["gpt2-xl:emmet-10k"]["facts"] == 250 and stages["gpt2-xl:emmet-10k"]["value_precision"] == "tf32"
+    assert stages["gpt2-xl:emmet-10k"]["facts"] == 250 and stages["gpt2-xl:emmet-10k"]["value_precision"] == "bfloat16"
     c0 = stages["gpt2-xl:c0"]
     assert c0["layer"] == 17 and all(c0[p]["tokens_per_s"] > 0 for p in ("float32", "tf32", "bfloat16"))
     assert c0["bfloat16"]["rel_diff_from_float32"] > 0  # the CPU runs bf16 autocast for real
