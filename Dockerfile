@@ -1,6 +1,7 @@
 # EMMET Studio on a GPU host: the Streamlit app on a CUDA PyTorch base.
 #   docker build -t emmet-studio .
 #   docker run --gpus all -p 8501:8501 -v emmet-cache:/cache emmet-studio
+# A model larger than one GPU: add -e EMMET_DEVICE_MAP=auto (accelerate spreads it over every GPU).
 # The base image brings CUDA and a CUDA build of torch; pick a tag that matches the host's
 # driver (--build-arg BASE_IMAGE=...). requirements.txt pins the CPU-tested torch, so torch
 # is left to the base image here, and the test-only packages are not installed.

@@ -49,5 +49,10 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/edit_latency.py
 
+# The GPU benchmark on this machine's GPU (see README, GPUs); --prepare writes what it reads.
+bench-gpu: setup
+	test -d .bench-gpu || $(BIN)/python bench/gpu.py --prepare
+	$(BIN)/python bench/gpu.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache tests/artifacts exports

@@ -65,5 +65,5 @@ def pictures(results: list[EditResult]) -> list[UpdatePicture]:
 
 def spectrum(covariance: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of C0 (symmetric positive semi-definite), descending."""
-    cov = covariance.detach().to("cpu", torch.float64)
-    return torch.linalg.eigvalsh((cov + cov.T) / 2).flip(0).clamp_min(0)
+    cov = covariance.detach().to(torch.float64)  # on its own device: d_k = 16,384 is slow on a CPU
+    return torch.linalg.eigvalsh((cov + cov.T) / 2).flip(0).clamp_min(0).cpu()
