@@ -59,11 +59,12 @@ def cached_values(
         fresh = compute_values(loaded, [requests[i] for i in todo], templates, layer, site, config, progress)
         steps = fresh.steps
         folder.mkdir(parents=True, exist_ok=True)
+        host = {name: getattr(fresh, name).detach().float().cpu() for name in PER_FACT}  # one copy per field
         for j, i in enumerate(todo):
-            row = {name: getattr(fresh, name)[j].detach().float().cpu().reshape(-1) for name in PER_FACT}
+            row = {name: host[name][j].reshape(-1).clone() for name in PER_FACT}
             _write(paths[i], row)
             found[i] = row
-    device = loaded.device
+    device = loaded.adapter.device(layer)  # where the values are used: beside their layer
     joined = {name: torch.stack([found[i][name] for i in range(len(requests))]).to(device) for name in PER_FACT}
     for name in ("loss_before", "nll_after", "loss_after"):
         joined[name] = joined[name][:, 0]
