@@ -330,10 +330,11 @@ def _steps(loaded: LoadedModel, batch: _Batch, module: torch.nn.Module, replay, 
                 break
             frozen = delta.detach().clone()
             optimizer.zero_grad()
-            loss[active].sum().backward()
+            # Masks by multiplying, not indexing: the same gradients, no wait for the device.
+            (loss * active).sum().backward()
             optimizer.step()
             with torch.no_grad():
-                delta[~active] = frozen[~active]
+                delta.copy_(torch.where(active[:, None], delta, frozen))
                 scale = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
                 delta.mul_(scale[:, None])
     here = delta.device  # every result on the device of the insertion module
