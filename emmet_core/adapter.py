@@ -127,22 +127,19 @@ class ModelAdapter:
         return device
 
     def input_device(self) -> torch.device:
-        """Where token ids go: the device the input embedding computes on (with a device
-        map, accelerate's hook knows it even when the embedding itself is offloaded)."""
+        """Where token ids go: where the input embedding computes. With a device map that
+        is its entry in ``hf_device_map``; an embedding offloaded to the CPU or disk
+        computes on the map's first accelerator, as accelerate runs it."""
         embedding = self.model.get_input_embeddings()
-        for module in (embedding, *self._owners(embedding)):
-            device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
-            if device is not None:
-                return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
-        return embedding.weight.device
-
-    def _owners(self, module: nn.Module) -> list[nn.Module]:
-        """The modules that contain ``module``, innermost first."""
-        name = next((n for n, m in self.model.named_modules() if m is module), None)
-        if not name:
-            return [self.model] if name is None else []
-        parts = name.split(".")
-        return [self.model.get_submodule(".".join(parts[:i])) for i in range(len(parts) - 1, 0, -1)] + [self.model]
+        placement = getattr(self.model, "hf_device_map", None)
+        if not placement:
+            return embedding.weight.device
+        name = next(n for n, m in self.model.named_modules() if m is embedding)
+        owners = [key for key in placement if key == "" or name == key or name.startswith(key + ".")]
+        where = placement[max(owners, key=len)] if owners else "cpu"
+        if where in ("cpu", "disk"):
+            where = next((d for d in placement.values() if d not in ("cpu", "disk")), "cpu")
+        return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
 
     def key_size(self, layer: int) -> int:
         return self.matrix(layer).shape[1]

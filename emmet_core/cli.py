@@ -15,9 +15,13 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import EditError
 from .provenance import versions
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
@@ -110,7 +114,7 @@ def parse_device_map(text: str | None) -> str | dict | None:
     return text
 
 
-def load(args: argparse.Namespace):
+def load(args: argparse.Namespace) -> LoadedModel:
     """The model the command works on, placed by --device or --device-map."""
     from .models import load_model
 

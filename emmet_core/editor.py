@@ -282,10 +282,12 @@ class Editor:
             with self._phase(timer, "values"):
                 values = self._values([request], templates, layer, "mlp", hp)
                 self._cache_ok = False  # the next fact sees the weights this one changes
-            with self._phase(timer, "solve"):
+            with self._phase(timer, "solve"):  # on the device of the layer, where C0 is
+                here = covs[layer].device
+                key, plain = key.to(here), plain.to(here)
                 constraint = plain[:, 0] if hp.rome_variant == "original" else None
                 current = self.adapter.project(layer, (plain if constraint is not None else key))[:, 0]
-                residual = values.values[0].to(torch.float64).to(current.device) - current
+                residual = values.values[0].to(here, torch.float64) - current.to(here)
                 delta = rome_update(residual, key[:, 0], covs[layer], constraint_key=constraint)
                 self.adapter.add_delta(layer, delta)
             result.updates.append(LayerUpdate(layer, key.cpu(), residual[:, None].cpu(), delta.float().cpu()))
@@ -309,7 +311,11 @@ class Editor:
                 else:  # the residual at the subject's last token of the plain prompt
                     current = layer_outputs(self.loaded, batch, z_layer).to(torch.float64)
             with self._phase(timer, "solve"):
-                residuals = (targets.to(current.device) - current) / (len(hp.layers) - i)
+                # On the device of this layer, where C0 is; the residual comes from the last
+                # edited layer, which a device map may have put on another GPU.
+                here = covs[layer].device
+                keys = keys.to(here)
+                residuals = (targets.to(here) - current.to(here)) / (len(hp.layers) - i)
                 if hp.algorithm == "memit":
                     delta = memit_update(residuals, keys, covs[layer], hp.mom2_update_weight)
                 else:

@@ -44,6 +44,20 @@ class Memory(Protocol):
     def release(self) -> None: ...
 
 
+_high_water: dict[torch.device, int] = {}  # peaks from before the sizer's resets
+
+
+def peak_allocated(device: torch.device) -> int:
+    """Most CUDA memory allocated on ``device`` since :func:`reset_peak` (PyTorch's own
+    peak counter is reset by every measured value pass; this one is not)."""
+    return max(_high_water.get(device, 0), torch.cuda.max_memory_allocated(device))
+
+
+def reset_peak(device: torch.device) -> None:
+    _high_water.pop(device, None)
+    torch.cuda.reset_peak_memory_stats(device)
+
+
 class CudaMemory:
     """:class:`Memory` from PyTorch's CUDA caching allocator."""
 
@@ -56,6 +70,7 @@ class CudaMemory:
         return free + cached  # memory the allocator keeps but does not use counts as free
 
     def start(self, device: torch.device) -> None:
+        _high_water[device] = peak_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         self._base[device] = torch.cuda.memory_allocated(device)
 
@@ -64,6 +79,13 @@ class CudaMemory:
 
     def release(self) -> None:
         torch.cuda.empty_cache()
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """PyTorch's own out-of-memory error, or a CUDA library's failure to allocate."""
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and ("CUBLAS_STATUS_ALLOC_FAILED" in text or "out of memory" in text))
 
 
 def facts_that_fit(budget: Sequence[float], bytes_per_row_token: Sequence[float], rows_per_fact: int,
@@ -96,12 +118,18 @@ class PassSizer:
         else:
             self.devices = list(devices)
         self.memory = memory
-        self.fixed_rows = fixed_rows if fixed_rows is not None or memory is None else None
-        if memory is None and fixed_rows is None:
-            self.fixed_rows = CPU_ROWS
+        self.fixed_rows = CPU_ROWS if memory is None and fixed_rows is None else fixed_rows
         self.share = share
-        self.cost: dict[torch.device, float] = {}  # bytes per row-token, the largest seen
+        # The largest pass so far, per device: (row-tokens, peak bytes). Its ratio is the cost
+        # of a row-token; the largest pass carries the least of the fixed costs (bfloat16
+        # weight copies, v_init) in it, so its ratio is the closest to the margin.
+        self.largest: dict[torch.device, tuple[int, int]] = {}
         self.cap = MAX_ROWS // rows_per_fact  # facts; halved after running out of memory
+
+    @property
+    def cost(self) -> dict[torch.device, float]:
+        """Bytes per row-token on each device, as measured."""
+        return {d: peak / row_tokens for d, (row_tokens, peak) in self.largest.items()}
 
     @property
     def by_memory(self) -> bool:
@@ -126,22 +154,24 @@ class PassSizer:
             self.memory.start(device)
         try:
             result = work()
-        except torch.OutOfMemoryError:
-            if facts == 1:
-                raise DeviceMemoryError(
-                    "one fact's value optimisation does not fit in the free GPU memory; try "
-                    "value_precision=bfloat16, fewer context templates or a device map over more GPUs"
-                ) from None
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not out_of_memory(exc):
+                raise
             result = None
         if result is None:  # outside the handler: the failed pass's tensors are gone now
             self.memory.release()
+            if facts == 1:
+                raise DeviceMemoryError(
+                    "one fact's value optimisation does not fit in the free GPU memory; try "
+                    "value_precision=bfloat16, fewer context templates or a device map over more GPUs")
             self.cap = max(facts // 2, 1)
             log.info("a value pass of %d facts ran out of memory; passes now hold at most %d", facts, self.cap)
             return None
         row_tokens = facts * self.rows_per_fact * suffix_tokens
         for device in self.devices:
             peak = self.memory.peak_since_start(device)
-            self.cost[device] = max(self.cost.get(device, 0.0), peak / row_tokens)
+            if row_tokens >= self.largest.get(device, (0, 0))[0]:
+                self.largest[device] = (row_tokens, peak)
             log.info("value pass of %d facts (%d row-tokens) took %.2f GiB on %s", facts, row_tokens, peak / 2**30,
                      device)
         return result

@@ -14,6 +14,7 @@ The switches are process-wide in PyTorch, so they are set only for the length of
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,24 +30,43 @@ def check_precision(precision: str, what: str) -> None:
         raise InvalidRequestError(f"{what} must be one of {', '.join(PRECISIONS)}, not {precision!r}")
 
 
+_tf32_lock = threading.Lock()
+_tf32_users = 0  # blocks inside tf32_matmuls, in every thread
+_tf32_saved: object = None
+
+
 @contextmanager
 def tf32_matmuls() -> Iterator[None]:
-    """CUDA float32 matrix products on TF32 tensor cores meanwhile (no effect on a CPU)."""
+    """CUDA float32 matrix products on TF32 tensor cores meanwhile (no effect on a CPU).
+
+    PyTorch's switch is process-wide: while any thread is inside such a block, CUDA float32
+    products of every thread may use TF32. Blocks count themselves, so overlapping ones (two
+    app users on two models) put the setting back only when the last one leaves."""
+    global _tf32_users, _tf32_saved
+    with _tf32_lock:
+        if _tf32_users == 0:
+            _tf32_saved = _set_tf32(True)
+        _tf32_users += 1
+    try:
+        yield
+    finally:
+        with _tf32_lock:
+            _tf32_users -= 1
+            if _tf32_users == 0:
+                _set_tf32(_tf32_saved)
+
+
+def _set_tf32(value: object) -> object:
+    """Set PyTorch's TF32 switch for CUDA matrix products (True, or a value returned
+    before); return what it was."""
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):  # PyTorch ≥ 2.9
         previous = matmul.fp32_precision
-        matmul.fp32_precision = "tf32"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = previous
+        matmul.fp32_precision = "tf32" if value is True else value
     else:
-        previous_flag = matmul.allow_tf32
-        matmul.allow_tf32 = True
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = previous_flag
+        previous = matmul.allow_tf32
+        matmul.allow_tf32 = bool(value)
+    return previous
 
 
 @contextmanager

@@ -16,6 +16,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -23,6 +24,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .errors import StatsCacheError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 from .hooks import capture_inputs, run_until
 from .models import LoadedModel, cache_dir
 from .precision import check_precision, forward_precision
@@ -111,7 +115,8 @@ def corpus_id(corpus: str) -> str:
 
 
 # -- accumulation --------------------------------------------------------------------------
-def token_sequences(tok, corpus: str, n_tokens: int, seq_len: int, docs_per_call: int = 64) -> Iterator[list[int]]:
+def token_sequences(tok: PreTrainedTokenizerBase, corpus: str, n_tokens: int, seq_len: int,
+                    docs_per_call: int = 64) -> Iterator[list[int]]:
     """Full-length token sequences (BOS first where the tokenizer adds one), ``n_tokens``
     total. Documents are tokenised many at a time (the fast tokenizer spreads a batch over
     cores)."""
@@ -195,16 +200,15 @@ def compute_covariances(
     seen = 0
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="covariance", file=sys.stderr, disable=not progress)
     sequences = token_sequences(loaded.tokenizer, corpus, n_tokens, min(seq_len, adapter.context_length() or seq_len))
-    with forward_precision(precision, loaded.device):
-        for rows in _batches(sequences, batch_size):
-            ids = _to_device(rows, loaded.device)
-            with capture_inputs(modules) as captured:
-                run_until(deepest, loaded.model, input_ids=ids, use_cache=False)
-            for layer, keys in captured.items():
-                flat = keys.reshape(-1, keys.shape[-1]).to(sums[layer].device, dtype)
-                sums[layer].addmm_(flat.T, flat)
-            seen += ids.numel()
-            bar.update(ids.numel())
+    for rows in _batches(sequences, batch_size):
+        ids = _to_device(rows, loaded.device)
+        with capture_inputs(modules) as captured, forward_precision(precision, loaded.device):
+            run_until(deepest, loaded.model, input_ids=ids, use_cache=False)
+        for layer, keys in captured.items():  # outside the precision block: sums at ``dtype``, never TF32
+            flat = keys.reshape(-1, keys.shape[-1]).to(sums[layer].device, dtype)
+            sums[layer].addmm_(flat.T, flat)
+        seen += ids.numel()
+        bar.update(ids.numel())
     bar.close()
     if seen == 0:
         raise StatsCacheError(f"corpus {corpus!r} yielded no tokens")

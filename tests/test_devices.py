@@ -107,6 +107,30 @@ def test_the_whole_pipeline_makes_every_tensor_beside_the_model(family, tokenize
     assert scored[0].n_tokens >= 1 and isinstance(texts[0], str) and "ES" in rows[0]
 
 
+def test_overlapping_tf32_blocks_put_the_switch_back_when_the_last_one_leaves():
+    import threading
+
+    from emmet_core.precision import tf32_matmuls
+
+    matmul = torch.backends.cuda.matmul
+    before = getattr(matmul, "fp32_precision", None) or matmul.allow_tf32
+    inside, leave = threading.Event(), threading.Event()
+
+    def other_user() -> None:
+        with tf32_matmuls():
+            inside.set()
+            leave.wait(5)
+
+    thread = threading.Thread(target=other_user)
+    with tf32_matmuls():
+        thread.start()
+        inside.wait(5)
+    assert (getattr(matmul, "fp32_precision", None) or matmul.allow_tf32) in ("tf32", True)  # the other still in
+    leave.set()
+    thread.join()
+    assert (getattr(matmul, "fp32_precision", None) or matmul.allow_tf32) == before
+
+
 # -- device maps (accelerate) ------------------------------------------------------------------
 LLAMA_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
              "model.layers.1": "disk", "model.layers.2": "cpu", "model.layers.3": "disk", "model.norm": "cpu",

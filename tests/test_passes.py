@@ -99,3 +99,37 @@ def test_cpu_and_explicit_sizes_are_fixed():
     assert cpu.run(lambda: "ran", 21, 10) == "ran"
     chosen = PassSizer(rows_per_fact=6, devices=[GPU], fixed_rows=60, memory=FakeGpuMemory(10**9, 0, 1))
     assert not chosen.by_memory and chosen.next_size([10] * 1000) == 10
+
+
+def test_library_allocation_failures_count_as_out_of_memory_and_other_errors_pass_through():
+    memory = FakeGpuMemory(capacity=10**9, used=0, cost=1)
+    sizer = PassSizer(rows_per_fact=6, devices=[GPU], memory=memory)
+
+    def cublas() -> None:
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+
+    def broken() -> None:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    assert sizer.run(cublas, 40, 10) is None and sizer.cap == 20
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        sizer.run(broken, 10, 10)
+
+
+def test_the_largest_pass_sets_the_cost():
+    memory = FakeGpuMemory(capacity=10**12, used=0, cost=1000)
+    sizer = PassSizer(rows_per_fact=6, devices=[GPU], memory=memory)
+
+    def taking(peak: int):
+        def run() -> int:
+            memory.peak = peak
+            return 1
+        return run
+
+    fixed, slope = 2_000_000, 1000  # bytes, and bytes per row-token
+    sizer.run(taking(fixed + slope * 6 * 10 * 21), 21, 10)
+    first = sizer.cost[GPU]
+    sizer.run(taking(fixed + slope * 6 * 10 * 210), 210, 10)
+    assert first > sizer.cost[GPU] > slope  # the fixed part weighs less in the larger pass
+    sizer.run(taking(fixed + slope * 6 * 10 * 21), 21, 10)
+    assert sizer.cost[GPU] == pytest.approx((fixed + slope * 12_600) / 12_600)  # a smaller pass changes nothing

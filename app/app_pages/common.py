@@ -114,10 +114,11 @@ def model_picker() -> None:
                           "family works by hub id or local directory.")
         if st.session_state["model_choice"] == OTHER_MODEL:
             st.text_input("Hub id or local path", key="model_other", placeholder="gpt2-xl or /path/to/model")
-        st.selectbox("Placement", list(PLACEMENTS), key="placement",
+        st.selectbox("Placement", list(PLACEMENTS), key="placement", on_change=shared_model.clear,
                      help="One device: the GPU when there is one, else the CPU. All GPUs: accelerate spreads "
                           "a model too large for one card over every GPU (what does not fit goes to the CPU "
-                          "or disk; layers placed there cannot be edited).")
+                          "or disk; layers placed there cannot be edited). Changing it reloads the model "
+                          "(sessions keep their edits).")
 
 
 def session() -> Session | None:
