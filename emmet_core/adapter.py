@@ -147,13 +147,6 @@ class ModelAdapter:
     def hidden_size(self) -> int:
         return self.matrix(0).shape[0]
 
-    def add_delta(self, layer: int, delta: torch.Tensor) -> None:
-        """Add a (d, d_k) update to W in place, in the weight's dtype and layout."""
-        weight = self.weight(layer)
-        update = delta.T if self.transposed(layer) else delta
-        with torch.no_grad():
-            weight.add_(update.to(device=weight.device, dtype=weight.dtype))
-
     def project(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
         """W k + b for keys of shape (d_k, N), in float64: the current output of W."""
         module = self.mlp_out(layer)

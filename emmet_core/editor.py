@@ -1,9 +1,13 @@
-"""The Editor: apply ROME / MEMIT / EMMET edits to a loaded model, undo them exactly.
+"""The Editor: compute ROME / MEMIT / EMMET edits of a loaded model, apply and undo them.
 
-Every ``apply`` validates all requests before touching a weight, snapshots the layers it
-will change, and restores that snapshot if anything fails, so an error always leaves
-the model bit-for-bit as it was. ``undo`` and ``reset`` copy saved tensors back; they
-never subtract a delta (which would not be exact in floating point).
+An edit is computed inside :meth:`ledger.Ledger.scratch` (the weights it changes on the
+way, layer by layer and fact by fact, are put back afterwards, also on error) and comes
+out as data: an :class:`EditResult` whose :class:`ledger.Delta` list the ledger then adds,
+checked. ``undo`` and ``reset`` replay the remaining deltas onto the original weights,
+which is exact because a delta is stored in its weight's dtype. C0 and context templates
+are always computed from the original weights (:meth:`ledger.Ledger.original`), whatever
+the model holds when they are first asked for, so the caches never hold an edited
+model's statistics.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from .errors import InvalidRequestError, NumericalError, UnsupportedModelError
 from .hparams import HParams, load_preset
 from .keys import compute_keys, layer_outputs
+from .ledger import Delta, Ledger
 from .models import LoadedModel
 from .probe import greedy_answer, score_targets
 from .request import EditRequest, check_conflicts
@@ -32,16 +37,23 @@ from .values import compute_values
 log = logging.getLogger(__name__)
 
 RequestLike = EditRequest | Mapping[str, str]
+PhaseCallback = Callable[[str], None]
 
 
 @dataclass
 class LayerUpdate:
-    """What was solved at one layer: keys K (d_k, N), residuals R (d, N), update Δ (d, d_k)."""
+    """What was solved at one layer: keys K (d_k, N), residuals R (d, N) and the change
+    added to W (a :class:`ledger.Delta`, in the weight's dtype)."""
 
     layer: int
     keys: torch.Tensor
     residuals: torch.Tensor
-    delta: torch.Tensor
+    change: Delta
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """Δ as a (d, d_k) float32 matrix, for pictures and norms."""
+        return self.change.matrix.float()
 
     @property
     def norm(self) -> float:
@@ -59,16 +71,18 @@ class EditResult:
     value_loss_after: list[float] = field(default_factory=list)
 
     @property
+    def deltas(self) -> list[Delta]:
+        """The changes this edit makes, in the order they are added."""
+        return [u.change for u in self.updates]
+
+    @property
     def layers(self) -> list[int]:
         return sorted({u.layer for u in self.updates})
 
     @property
     def norms(self) -> dict[int, float]:
         """‖Δ‖_F per layer (summed over the updates of sequential ROME edits)."""
-        total: dict[int, torch.Tensor] = {}
-        for update in self.updates:
-            total[update.layer] = total.get(update.layer, 0) + update.delta
-        return {layer: float(delta.norm()) for layer, delta in sorted(total.items())}
+        return combined_norms([self])
 
     def to_dict(self) -> dict:
         return {
@@ -83,18 +97,26 @@ class EditResult:
         }
 
 
-@dataclass
-class _Applied:
-    result: EditResult
-    before: dict[int, torch.Tensor]  # the weights of the touched layers before this edit
+def combined_norms(results: Iterable[EditResult]) -> dict[int, float]:
+    """‖Δ‖_F per layer of several edits together (all their updates summed per layer)."""
+    total: dict[int, torch.Tensor] = {}
+    for result in results:
+        for update in result.updates:
+            total[update.layer] = total.get(update.layer, 0) + update.delta
+    return {layer: float(delta.norm()) for layer, delta in sorted(total.items())}
 
 
 class _Timer:
-    def __init__(self) -> None:
+    """Seconds per phase; tells ``on_phase`` (a progress display) as each phase starts."""
+
+    def __init__(self, on_phase: PhaseCallback | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.on_phase = on_phase
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        if self.on_phase is not None:
+            self.on_phase(name)
         start = time.perf_counter()
         try:
             yield
@@ -104,16 +126,20 @@ class _Timer:
 
 class Editor:
     """Edits one loaded model. Not thread-safe: share a model across users only with a
-    lock around apply/evaluate/undo, or with one Editor per model copy."""
+    lock around compute/apply/undo (as :mod:`workspace` does), or one Editor per copy.
 
-    def __init__(self, loaded: LoadedModel, on_phase: Callable[[str], None] | None = None) -> None:
+    ``apply``/``undo``/``reset`` keep this Editor's own history over ``ledger``;
+    ``compute`` changes nothing and is what a caller with histories of its own uses."""
+
+    def __init__(self, loaded: LoadedModel, on_phase: PhaseCallback | None = None,
+                 ledger: Ledger | None = None) -> None:
         self.loaded = loaded
         self.adapter = loaded.adapter
-        self.history: list[_Applied] = []
-        self._original: dict[int, torch.Tensor] = {}
-        self._covs: dict[tuple, torch.Tensor] = {}
+        self.ledger = ledger if ledger is not None else Ledger(self.adapter)
+        self.history: list[EditResult] = []
         self.on_phase = on_phase
-        self._cache_ok = False  # may v* come from the disk cache in the current apply?
+        self._covs: dict[tuple, torch.Tensor] = {}  # C0 of the original weights, by layer and settings
+        self._templates: dict[tuple, list[str]] = {}  # context templates, by recipe and seed
 
     # -- public API ------------------------------------------------------------------------
     def hparams(self, algorithm: str, **overrides: object) -> HParams:
@@ -125,39 +151,49 @@ class Editor:
         self, requests: Iterable[RequestLike], algorithm: str = "rome", hparams: HParams | None = None,
         refuse_current: bool = True, cache_values: bool = False, **overrides: object,
     ) -> EditResult:
-        """Apply a batch of edits (ROME: one after the other) and return what was done.
+        """Compute a batch of edits (ROME: one after the other), add them to the model and
+        return what was done.
 
         ``refuse_current=False`` lets through facts whose new object the model already
         gives (benchmarks edit every record; a user asking for it made a mistake).
-        ``cache_values=True`` reuses value targets v* from disk (:mod:`value_cache`) while
-        the weights are the original ones; only this Editor's history can tell that, so
-        callers that change weights behind its back must leave it off."""
+        ``cache_values=True`` reuses value targets v* from disk (:mod:`value_cache`) when
+        the weights are the original ones."""
+        result = self.compute(requests, algorithm, hparams, refuse_current, cache_values, **overrides)
+        self.ledger.push(result.deltas)
+        self.history.append(result)
+        return result
+
+    def compute(
+        self, requests: Iterable[RequestLike], algorithm: str = "rome", hparams: HParams | None = None,
+        refuse_current: bool = True, cache_values: bool = False, checked: bool = False,
+        on_phase: PhaseCallback | None = None, **overrides: object,
+    ) -> EditResult:
+        """The edit of ``requests`` on the model as it is now, as data; the weights are
+        left exactly as they were. ``checked=True`` takes requests :meth:`prepare` already
+        returned. ``on_phase`` hears the phase names as they start."""
         started = time.perf_counter()
         hp = hparams if hparams is not None else self.hparams(algorithm, **overrides)
         for layer in hp.layers:
             self.adapter.device(layer)  # in range and resident (not offloaded by a device map)
-        timer = _Timer()
-        with timer.phase("prepare"):
-            batch = self.prepare(requests, refuse_current)
+        timer = _Timer(on_phase or self.on_phase)
+        if checked:
+            batch = list(requests)
+        else:
+            with timer.phase("prepare"):
+                batch = self.prepare(requests, refuse_current)
         covs = self._covariances(hp, timer)
-        before = {layer: self.adapter.weight(layer).detach().clone() for layer in hp.layers}
+        templates = self._context_templates(hp, timer)
         result = EditResult(hp.algorithm, hp, batch)
-        self._cache_ok = cache_values and not self.history
-        try:
+        cache_ok = cache_values and self.ledger.is_original  # the disk cache holds v* of the original
+        with self.ledger.scratch(hp.layers):
             if hp.algorithm == "rome":
-                self._rome(batch, hp, covs, result, timer)
+                self._rome(batch, hp, covs, templates, result, timer, cache_ok)
             else:
-                self._memit_emmet(batch, hp, covs, result, timer)
+                self._memit_emmet(batch, hp, covs, templates, result, timer, cache_ok)
             for layer in hp.layers:
-                if not torch.isfinite(self.adapter.weight(layer)).all():
+                if not bool(torch.isfinite(self.adapter.weight(layer)).all()):
                     raise NumericalError(f"layer {layer} has NaN/Inf after the update (dtype overflow?)")
-        except BaseException:
-            self._restore(before)
-            raise
-        for layer, weight in before.items():
-            self._original.setdefault(layer, weight)
         result.seconds = {**timer.seconds, "total": time.perf_counter() - started}
-        self.history.append(_Applied(result, before))
         return result
 
     def prepare(self, requests: Iterable[RequestLike], refuse_current: bool = True) -> list[EditRequest]:
@@ -185,9 +221,14 @@ class Editor:
         return batch
 
     def covariance(self, layer: int, hparams: HParams) -> torch.Tensor:
-        """C0 = E[k kᵀ] of ``layer`` under ``hparams``' corpus settings (cached)."""
+        """C0 = E[k kᵀ] of ``layer`` under ``hparams``' corpus settings, from the original
+        weights (cached in memory and on disk)."""
         self.adapter.check_layer(layer)
         return self._covariances(hparams.replace(layers=(layer,)), _Timer())[layer]
+
+    def known_covariance(self, layer: int, hparams: HParams) -> torch.Tensor | None:
+        """C0 of ``layer`` if this Editor has it in memory already (None, without work, if not)."""
+        return self._covs.get((layer, *hparams.stats_settings))
 
     def warm_values(self, requests: Iterable[RequestLike], hparams: HParams,
                     progress: Callable[[int], object] | None = None) -> None:
@@ -195,25 +236,25 @@ class Editor:
         one chunk at a time (ROME one by one, small MEMIT/EMMET batches), which would
         otherwise run the value optimisation on a handful of prompts per pass. Only on the
         unedited model, whose values the cache holds. ``progress(k)`` hears of every k facts done."""
-        if self.history:
+        if not self.ledger.is_original:
             raise InvalidRequestError("warm_values needs the unedited model (undo or reset first)")
         batch = [r if isinstance(r, EditRequest) else EditRequest(**r) for r in requests]
         layer, site = self._value_site(hparams)
-        cached_values(self.loaded, batch, self._templates(hparams, _Timer()), layer, site, hparams.values,
+        cached_values(self.loaded, batch, self._context_templates(hparams, _Timer()), layer, site, hparams.values,
                       progress=progress)
 
     def undo(self) -> EditResult:
         """Revert the last ``apply`` exactly."""
         if not self.history:
             raise InvalidRequestError("nothing to undo")
-        applied = self.history.pop()
-        self._restore(applied.before)
-        return applied.result
+        result = self.history.pop()
+        self.ledger.write([d for r in self.history for d in r.deltas])
+        return result
 
     def reset(self) -> None:
-        """Restore the original weights of every layer ever edited."""
-        self._restore(self._original)
+        """Back to the original weights."""
         self.history.clear()
+        self.ledger.write([])
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the (edited) model and tokenizer as a safetensors checkpoint."""
@@ -231,30 +272,24 @@ class Editor:
         return path
 
     # -- internals -------------------------------------------------------------------------
-    def _phase(self, timer: _Timer, name: str):
-        if self.on_phase is not None:
-            self.on_phase(name)
-        return timer.phase(name)
-
-    def _restore(self, weights: dict[int, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for layer, weight in weights.items():
-                self.adapter.weight(layer).copy_(weight)
-
     def _covariances(self, hp: HParams, timer: _Timer) -> dict[int, torch.Tensor]:
         keys = {layer: (layer, *hp.stats_settings) for layer in hp.layers}
         todo = [layer for layer, key in keys.items() if key not in self._covs]
         if todo:
-            with self._phase(timer, "stats"):
+            with timer.phase("stats"), self.ledger.original():
                 found = layer_covariances(self.loaded, todo, hp.stats_corpus, hp.stats_tokens,
                                           getattr(torch, hp.stats_dtype), precision=hp.stats_precision)
             for layer, cov in found.items():  # C0 lives beside the matrix it constrains
                 self._covs[keys[layer]] = cov.to(self.adapter.device(layer))
         return {layer: self._covs[key] for layer, key in keys.items()}
 
-    def _templates(self, hp: HParams, timer: _Timer) -> list[str]:
-        with self._phase(timer, "templates"):
-            return context_templates(self.loaded, [list(x) for x in hp.context_templates], seed=hp.seed)
+    def _context_templates(self, hp: HParams, timer: _Timer) -> list[str]:
+        key = (hp.context_templates, hp.seed)
+        if key not in self._templates:
+            with timer.phase("templates"), self.ledger.original():
+                self._templates[key] = context_templates(self.loaded, [list(x) for x in hp.context_templates],
+                                                         seed=hp.seed)
+        return self._templates[key]
 
     def _value_site(self, hp: HParams) -> tuple[int, str]:
         """Where v* lives: ROME at its layer's MLP output; MEMIT/EMMET in the residual
@@ -268,58 +303,61 @@ class Editor:
             )
         return hp.layers[-1], "mlp" if at_mlp else "residual"
 
-    def _values(self, batch: list[EditRequest], templates: list[str], layer: int, site: str, hp: HParams):
-        if self._cache_ok:
+    def _values(self, batch: list[EditRequest], templates: list[str], layer: int, site: str, hp: HParams,
+                cached: bool):
+        if cached:
             return cached_values(self.loaded, batch, templates, layer, site, hp.values)
         return compute_values(self.loaded, batch, templates, layer, site, hp.values)
 
-    def _rome(self, batch, hp: HParams, covs, result: EditResult, timer: _Timer) -> None:
+    def _rome(self, batch: list[EditRequest], hp: HParams, covs: dict[int, torch.Tensor], templates: list[str],
+              result: EditResult, timer: _Timer, cached: bool) -> None:
         (layer,) = hp.layers
-        templates = self._templates(hp, timer)
         for request in batch:
-            with self._phase(timer, "keys"):
+            with timer.phase("keys"):
                 key, plain = compute_keys(self.loaded, [request], templates, layer, mode="mean")
-            with self._phase(timer, "values"):
-                values = self._values([request], templates, layer, "mlp", hp)
-                self._cache_ok = False  # the next fact sees the weights this one changes
-            with self._phase(timer, "solve"):  # on the device of the layer, where C0 is
+            with timer.phase("values"):
+                values = self._values([request], templates, layer, "mlp", hp, cached)
+                cached = False  # the next fact sees the weights this one changes
+            with timer.phase("solve"):  # on the device of the layer, where C0 is
                 here = covs[layer].device
                 key, plain = key.to(here), plain.to(here)
                 constraint = plain[:, 0] if hp.rome_variant == "original" else None
                 current = self.adapter.project(layer, (plain if constraint is not None else key))[:, 0]
                 residual = values.values[0].to(here, torch.float64) - current.to(here)
-                delta = rome_update(residual, key[:, 0], covs[layer], constraint_key=constraint)
-                self.adapter.add_delta(layer, delta)
-            result.updates.append(LayerUpdate(layer, key.cpu(), residual[:, None].cpu(), delta.float().cpu()))
+                change = Delta.of(self.adapter, layer, rome_update(residual, key[:, 0], covs[layer],
+                                                                   constraint_key=constraint))
+                change.add_to(self.adapter)  # inside the Editor's scratch block: undone after
+            result.updates.append(LayerUpdate(layer, key.cpu(), residual[:, None].cpu(), change))
             result.value_loss_before += values.loss_before.tolist()
             result.value_loss_after += values.loss_after.tolist()
 
-    def _memit_emmet(self, batch, hp: HParams, covs, result: EditResult, timer: _Timer) -> None:
+    def _memit_emmet(self, batch: list[EditRequest], hp: HParams, covs: dict[int, torch.Tensor],
+                     templates: list[str], result: EditResult, timer: _Timer, cached: bool) -> None:
         z_layer, site = self._value_site(hp)
         at_mlp = site == "mlp"
-        templates = self._templates(hp, timer)
-        with self._phase(timer, "values"):
-            values = self._values(batch, templates, z_layer, site, hp)
+        with timer.phase("values"):
+            values = self._values(batch, templates, z_layer, site, hp, cached)
         targets = values.values.T.to(torch.float64)  # (d, N)
         result.value_loss_before = values.loss_before.tolist()
         result.value_loss_after = values.loss_after.tolist()
         for i, layer in enumerate(hp.layers):
-            with self._phase(timer, "keys"):
+            with timer.phase("keys"):
                 keys, _ = compute_keys(self.loaded, batch, templates, layer, mode="half")
                 if at_mlp:  # what W produces now for the averaged keys
                     current = self.adapter.project(layer, keys)
                 else:  # the residual at the subject's last token of the plain prompt
                     current = layer_outputs(self.loaded, batch, z_layer).to(torch.float64)
-            with self._phase(timer, "solve"):
+            with timer.phase("solve"):
                 # On the device of this layer, where C0 is; the residual comes from the last
                 # edited layer, which a device map may have put on another GPU.
                 here = covs[layer].device
                 keys = keys.to(here)
                 residuals = (targets.to(here) - current.to(here)) / (len(hp.layers) - i)
                 if hp.algorithm == "memit":
-                    delta = memit_update(residuals, keys, covs[layer], hp.mom2_update_weight)
+                    update = memit_update(residuals, keys, covs[layer], hp.mom2_update_weight)
                 else:
                     ridge = hp.ridge if (len(batch) > 1 or hp.ridge_single) else 0.0
-                    delta = emmet_update(residuals, keys, covs[layer], ridge)
-                self.adapter.add_delta(layer, delta)
-            result.updates.append(LayerUpdate(layer, keys.cpu(), residuals.cpu(), delta.float().cpu()))
+                    update = emmet_update(residuals, keys, covs[layer], ridge)
+                change = Delta.of(self.adapter, layer, update)
+                change.add_to(self.adapter)  # the next layer's keys see it; undone after the block
+            result.updates.append(LayerUpdate(layer, keys.cpu(), residuals.cpu(), change))

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .data import Dataset, EvalRecord
 from .diskcache import digest, write_atomic
-from .editor import Editor
+from .editor import Editor, EditResult, combined_norms
 from .errors import EditError
 from .evaluate import score_records, summarise
 from .metrics import mean_delta_norm
@@ -84,12 +84,12 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
                 _warm(editor, [r.request for r in ahead], hp, progress)
                 warmed = first + len(ahead)
             generation = [(first + j) % max(config.generation_every, 1) == 0 for j in range(len(chunk))]
-            original = not editor.history  # the unedited model: its scores can come from the baseline cache
+            original = editor.ledger.is_original  # the unedited model: its scores can come from the baseline cache
             pre = _baseline(editor, chunk, dataset.kind, generation, config) if original else \
                 score_records(editor.loaded, chunk, dataset.kind, generation, config.gen_tokens, config.seed)
-            result = _apply(editor, chunk, hp, config)
+            results = _apply(editor, chunk, hp, config)
             post = score_records(editor.loaded, chunk, dataset.kind, generation, config.gen_tokens, config.seed)
-            norms = result.norms if result else {}
+            norms = combined_norms(results)  # every fact of a ROME chunk, not just its last
             for record, before, after in zip(chunk, pre, post):
                 line = {"case_id": record.case_id, "chunk": index, "pre": before, "post": after,
                         "delta_norms": {str(k): v for k, v in norms.items()}, "config": _config_key(config)}
@@ -142,16 +142,13 @@ def _prior_seconds(out: Path) -> float:
         return 0.0
 
 
-def _apply(editor: Editor, chunk: list[EvalRecord], hp, config: EvalConfig):
+def _apply(editor: Editor, chunk: list[EvalRecord], hp, config: EvalConfig) -> list[EditResult]:
     requests = [r.request for r in chunk]
     # v* may come from the disk cache (computed by an earlier run at another batch size)
-    # for facts applied to the unedited model; the Editor checks that from its history.
+    # for facts applied to the unedited model; the Editor checks that with its ledger.
     if config.algorithm == "rome":  # ROME edits one fact at a time
-        last = None
-        for request in requests:
-            last = editor.apply([request], hparams=hp, refuse_current=False, cache_values=True)
-        return last
-    return editor.apply(requests, hparams=hp, refuse_current=False, cache_values=True)
+        return [editor.apply([request], hparams=hp, refuse_current=False, cache_values=True) for request in requests]
+    return [editor.apply(requests, hparams=hp, refuse_current=False, cache_values=True)]
 
 
 def _baseline(editor: Editor, chunk: list[EvalRecord], kind: str, generation: list[bool],

@@ -1,17 +1,12 @@
 """Many users, one model: private edit histories over one shared loaded model.
 
 A model takes seconds to load and its memory, so an app serves every browser session
-from one copy (:class:`SharedModel`). Each :class:`Session` keeps its own edits as the
-weight changes they made: the Δ of every layer update, in the order the Editor added
-them. To act for a session, the shared model takes its lock, writes that session's
-weights (original + its deltas, replayed in order), runs the work, and copies the
-original weights back before it releases the lock. Outside the lock the model always
+from one copy (:class:`SharedModel`). Each :class:`Session` keeps its own edits as data,
+the :class:`ledger.Delta` list of every edit it applied. To act for a session, the shared
+model takes its lock, has its :class:`ledger.Ledger` write that session's weights
+(original + its deltas in order, bit-exact by construction), runs the work, and writes
+the original weights back before it releases the lock. Outside the lock the model always
 holds its original weights, so no session ever sees another's edits.
-
-Replaying float32 deltas into float32 weights repeats the Editor's own additions
-exactly. Every new edit is checked: if the replay does not reproduce the weights bit for
-bit (half-precision models round a float64 Δ differently), the record keeps the exact
-weights of its layers instead, so a session's model is always the one it edited.
 """
 
 from __future__ import annotations
@@ -31,16 +26,15 @@ from uuid import uuid4
 
 import torch
 
-from .editor import Editor, EditResult, RequestLike
+from .editor import Editor, EditResult, PhaseCallback, RequestLike, combined_norms
 from .errors import EditError, InvalidRequestError
 from .hparams import HParams
+from .ledger import Delta, Ledger, layers_of
 from .models import LoadedModel
 from .probe import greedy_answer
 from .request import EditRequest
-from .templates import context_templates
 
 T = TypeVar("T")
-PhaseCallback = Callable[[str], None]
 Reader = Callable[[LoadedModel, list[EditRequest]], Any]
 
 
@@ -55,14 +49,17 @@ class EditRecord:
     label: str
     algorithm: str
     results: list[EditResult]
-    deltas: list[tuple[int, torch.Tensor]]  # (layer, Δ (d, d_k)) on the CPU, in the order added
     created: float = field(default_factory=time.time)
     summary: dict[str, Any] = field(default_factory=dict)  # numbers the app shows and logs
-    pinned: dict[int, torch.Tensor] = field(default_factory=dict)  # exact weights when a replay is not
+
+    @property
+    def deltas(self) -> list[Delta]:
+        """Its changes to the weights, in the order they were added."""
+        return [d for result in self.results for d in result.deltas]
 
     @property
     def layers(self) -> list[int]:
-        return sorted({layer for layer, _ in self.deltas})
+        return layers_of(self.deltas)
 
     @property
     def requests(self) -> list[EditRequest]:
@@ -71,10 +68,7 @@ class EditRecord:
     @property
     def norms(self) -> dict[int, float]:
         """‖Δ‖_F per layer, all updates of this record summed."""
-        total: dict[int, torch.Tensor] = {}
-        for layer, delta in self.deltas:
-            total[layer] = total.get(layer, 0) + delta
-        return {layer: float(delta.norm()) for layer, delta in sorted(total.items())}
+        return combined_norms(self.results)
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -95,7 +89,6 @@ class EditRecord:
             "requests": [vars(r) for r in self.requests],
             "hparams": self.results[0].hparams.to_dict() if self.results else None,
             "summary": self.summary,
-            "exact_weights_kept": bool(self.pinned),
         }
 
 
@@ -109,14 +102,14 @@ class Outcome:
 
 
 class SharedModel:
-    """One loaded model for every session of a process, with the lock that guards it."""
+    """One loaded model for every session of a process: its ledger, the Editor that
+    computes edits on it, and the lock that guards both."""
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
-        self.editor = Editor(loaded)
+        self.ledger = Ledger(loaded.adapter)
+        self.editor = Editor(loaded, ledger=self.ledger)
         self.lock = threading.Lock()
-        self._original: dict[int, torch.Tensor] = {}  # layer -> weight before any edit
-        self._prepared: set[tuple] = set()  # (layer, stats settings) whose C0 the Editor holds
 
     @contextmanager
     def locked(self, on_wait: Callable[[], None] | None = None, timeout: float | None = None) -> Iterator[None]:
@@ -132,58 +125,20 @@ class SharedModel:
         finally:
             self.lock.release()
 
+    @contextmanager
+    def holding(self, deltas: Sequence[Delta], on_wait: Callable[[], None] | None = None,
+                timeout: float | None = None) -> Iterator[LoadedModel]:
+        """The model with original + ``deltas`` for the block, under the lock; original again after."""
+        with self.locked(on_wait, timeout):
+            try:
+                self.ledger.write(deltas)
+                yield self.loaded
+            finally:
+                self.ledger.write([])
+
     def covariance(self, hp: HParams, layer: int) -> torch.Tensor | None:
         """C0 of ``layer`` as computed for an edit with ``hp`` (None before such an edit)."""
-        return self.editor.covariance(layer, hp) if _stats_key(hp, layer) in self._prepared else None
-
-    # -- under the lock only ---------------------------------------------------------------
-    def _prepare_layers(self, hp: HParams, on_phase: PhaseCallback | None) -> None:
-        """Keep the original weights of ``hp.layers`` and compute what an edit of them reads
-        from the unedited model (C0 and context templates, both cached on disk), so they
-        never depend on which session happened to ask first."""
-        adapter = self.loaded.adapter
-        for layer in hp.layers:
-            adapter.check_layer(layer)
-            if layer not in self._original:
-                self._original[layer] = adapter.weight(layer).detach().clone()
-        missing = [layer for layer in hp.layers if _stats_key(hp, layer) not in self._prepared]
-        if missing and on_phase is not None:
-            on_phase("stats")
-        for layer in missing:  # held by the shared Editor, which every edit reads it from
-            self.editor.covariance(layer, hp)
-            self._prepared.add(_stats_key(hp, layer))
-        if on_phase is not None:
-            on_phase("templates")
-        context_templates(self.loaded, [list(x) for x in hp.context_templates], seed=hp.seed)
-
-    def _restore(self) -> None:
-        with torch.no_grad():
-            for layer, weight in self._original.items():
-                self.loaded.adapter.weight(layer).copy_(weight)
-
-    def _write(self, records: Sequence[EditRecord]) -> None:
-        """Original weights, then each record's deltas in order (or its exact weights)."""
-        self._restore()
-        adapter = self.loaded.adapter
-        for record in records:
-            if record.pinned:
-                with torch.no_grad():
-                    for layer, weight in record.pinned.items():
-                        adapter.weight(layer).copy_(weight)
-            else:
-                for layer, delta in record.deltas:
-                    adapter.add_delta(layer, delta)
-
-    def _snapshot(self, layers: list[int]) -> dict[int, torch.Tensor]:
-        return {layer: self.loaded.adapter.weight(layer).detach().clone() for layer in layers}
-
-
-def _stats_key(hp: HParams, layer: int) -> tuple:
-    return layer, *hp.stats_settings
-
-
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+        return self.editor.known_covariance(layer, hp)
 
 
 class Session:
@@ -199,16 +154,17 @@ class Session:
     def loaded(self) -> LoadedModel:
         return self.shared.loaded
 
+    @property
+    def deltas(self) -> list[Delta]:
+        """Every change this session made, in order."""
+        return [d for record in self.records for d in record.deltas]
+
     @contextmanager
     def active(self, on_wait: Callable[[], None] | None = None,
                timeout: float | None = None) -> Iterator[LoadedModel]:
         """The shared model holding this session's weights, for as long as the block runs."""
-        with self.shared.locked(on_wait, timeout):
-            self.shared._write(self.records)
-            try:
-                yield self.shared.loaded
-            finally:
-                self.shared._restore()
+        with self.shared.holding(self.deltas, on_wait, timeout) as loaded:
+            yield loaded
 
     def run(self, work: Callable[[LoadedModel], T], on_wait: Callable[[], None] | None = None,
             timeout: float | None = None) -> T:
@@ -251,52 +207,27 @@ class Session:
         hp = hparams if hparams is not None else self.hparams(algorithm)
         shared, editor = self.shared, self.shared.editor
         phase = on_phase or (lambda name: None)
-        with shared.locked(on_wait):
-            shared._prepare_layers(hp, on_phase)
-            shared._write(self.records)
-            editor.on_phase = on_phase
-            try:
-                phase("prepare")
-                prepared = editor.prepare(requests, refuse_current)
-                phase("before")
-                seen_before = before(shared.loaded, prepared) if before is not None else None
-                record = self._apply(prepared, hp, chunk_size, label, on_chunk, cache_values)
-                phase("after")
-                seen_after = after(shared.loaded, prepared) if after is not None else None
-            finally:
-                editor.on_phase = None
-                editor.history.clear()  # undo lives in the sessions, not in the shared Editor
-                shared._restore()
+        with shared.holding(self.deltas, on_wait) as loaded:
+            phase("prepare")
+            prepared = editor.prepare(requests, refuse_current)
+            phase("before")
+            seen_before = before(loaded, prepared) if before is not None else None
+            size = chunk_size or len(prepared)
+            results = []
+            for first in range(0, len(prepared), size):  # each chunk sees the ones before it
+                result = editor.compute(prepared[first : first + size], hparams=hp, checked=True,
+                                        cache_values=cache_values, on_phase=on_phase)
+                shared.ledger.push(result.deltas)
+                results.append(result)
+                if on_chunk is not None:
+                    on_chunk(len(results), -(-len(prepared) // size))
+            phase("after")
+            seen_after = after(loaded, prepared) if after is not None else None
+        record = EditRecord(label or default_label(hp.algorithm, prepared), hp.algorithm, results)
         if keep:
             self.records.append(record)
             self.version += 1
         return Outcome(record, seen_before, seen_after)
-
-    def _apply(self, prepared: list[EditRequest], hp: HParams, chunk_size: int | None, label: str | None,
-               on_chunk: Callable[[int, int], None] | None, cache_values: bool) -> EditRecord:
-        size = chunk_size or len(prepared)
-        chunks = [prepared[i : i + size] for i in range(0, len(prepared), size)]
-        results = []
-        for index, chunk in enumerate(chunks):
-            original = index == 0 and not self.records  # the cache holds v* of the original weights only
-            results.append(self.shared.editor.apply(chunk, hparams=hp, refuse_current=False,
-                                                    cache_values=cache_values and original))
-            self.shared.editor.history.clear()
-            if on_chunk is not None:
-                on_chunk(index + 1, len(chunks))
-        deltas = [(u.layer, u.delta) for result in results for u in result.updates]
-        record = EditRecord(label or default_label(hp.algorithm, prepared), hp.algorithm, results, deltas)
-        self._check_replay(record)
-        return record
-
-    def _check_replay(self, record: EditRecord) -> None:
-        """Make sure writing this session later gives exactly the weights just made."""
-        shared = self.shared
-        made = shared._snapshot(record.layers)
-        shared._write([*self.records, record])
-        if not all(_bits_equal(shared.loaded.adapter.weight(layer), made[layer]) for layer in made):
-            record.pinned = {layer: weight.cpu() for layer, weight in made.items()}
-            shared._write([*self.records, record])
 
     def undo(self) -> EditRecord:
         """Forget the last edit (the shared weights are untouched: they are original)."""

@@ -124,8 +124,9 @@ def tiny(family: str, tokenizers, device: str = "cpu"):
 def tiny_hparams(editor, algorithm: str, corpus: Path, layers=None, **changes):
     """Small, fast settings for tiny models (few steps, short templates, small C0)."""
     layers = layers or ((1, 2) if algorithm == "memit" else (2,))
-    return editor.hparams(algorithm, layers=layers, v_num_grad_steps=5, context_templates=((3, 2),),
-                          stats_corpus=str(corpus), stats_tokens=3000, **changes)
+    settings = {"v_num_grad_steps": 5, "context_templates": ((3, 2),), "stats_corpus": str(corpus),
+                "stats_tokens": 3000, **changes}
+    return editor.hparams(algorithm, layers=layers, **settings)
 
 
 def weights_of(model) -> dict[str, torch.Tensor]:
