@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .adapter import ModelAdapter
+from .diskcache import file_sha
 from .errors import UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -224,8 +225,16 @@ def prepare(
     model.eval().requires_grad_(False)
     if getattr(model, "hf_device_map", None) is None:
         model.to(resolve_device(device or "auto"))
-    fingerprint = fingerprint or _fingerprint(name, model)
+    fingerprint = with_dtype(fingerprint or _fingerprint(name, model), model)
     return LoadedModel(model, tokenizer, name, fingerprint, adapter.input_device())
+
+
+def with_dtype(origin: str, model: torch.nn.Module) -> str:
+    """The identity caches are keyed by: where the weights came from, and the dtype they
+    were loaded in (a bfloat16 load computes other C0, v* and scores than a float32 one).
+    float32 keeps the plain origin hash, so caches made before dtypes counted stay valid."""
+    dtype = next(model.parameters()).dtype
+    return origin if dtype == torch.float32 else hashlib.sha256(f"{origin}|{dtype}".encode()).hexdigest()
 
 
 def _fingerprint(name: str, model: torch.nn.Module) -> str:
@@ -250,11 +259,14 @@ def _fingerprint(name: str, model: torch.nn.Module) -> str:
 
 
 def _alias_snapshot(alias: str) -> Path:
-    """Directory with the alias dequantised to safetensors; created on first use."""
+    """Directory with the alias dequantised to safetensors; created on first use, checked
+    on every use (the sha256 of its weights is in its marker) and rebuilt if it fails."""
     spec = ALIASES[alias]
     target = cache_dir() / "models" / f"{alias}-{spec.fingerprint()[:12]}"
-    if (target / _SNAPSHOT_MARKER).is_file():
+    if _snapshot_ok(target):
         return target
+    if target.exists():
+        log.warning("the converted %s in %s is damaged or incomplete; converting it again", alias, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = spec.gguf_path()
@@ -266,7 +278,8 @@ def _alias_snapshot(alias: str) -> Path:
     try:
         _save_dequantised(model, tmp)
         tokenizer.save_pretrained(tmp)
-        marker = {"alias": alias, "package": spec.package, "gguf": gguf.name}
+        marker = {"alias": alias, "package": spec.package, "gguf": gguf.name,
+                  "sha256": {f.name: file_sha(f) for f in sorted(tmp.iterdir()) if f.is_file()}}
         (tmp / _SNAPSHOT_MARKER).write_text(json.dumps(marker, indent=2))
         if target.exists():
             shutil.rmtree(target)
@@ -275,6 +288,16 @@ def _alias_snapshot(alias: str) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _snapshot_ok(folder: Path) -> bool:
+    """Every file the marker lists is there with the bytes it had when written."""
+    try:
+        marker = json.loads((folder / _SNAPSHOT_MARKER).read_text(encoding="utf-8"))
+        hashes = marker["sha256"]
+        return bool(hashes) and all(file_sha(folder / name) == sha for name, sha in hashes.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def _save_dequantised(model: torch.nn.Module, directory: Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .data import Dataset, EvalRecord
-from .diskcache import digest, write_atomic
+from .diskcache import digest, read_json, write_json
 from .editor import Editor, EditResult, combined_norms
 from .errors import EditError
 from .evaluate import score_records, summarise
@@ -160,20 +160,16 @@ def _baseline(editor: Editor, chunk: list[EvalRecord], kind: str, generation: li
     keys = [_record_key(r, kind, g, config) for r, g in zip(chunk, generation)]
     rows: dict[int, dict] = {}
     for i, key in enumerate(keys):
-        path = folder / f"{key}.json"
-        if path.is_file():
-            try:
-                rows[i] = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                pass
+        row = read_json(folder / f"{key}.json")  # None if missing, torn or edited
+        if isinstance(row, dict) and "ES" in row and all(isinstance(v, int | float) for v in row.values()):
+            rows[i] = row
     todo = [i for i in range(len(chunk)) if i not in rows]
     if todo:
         fresh = score_records(editor.loaded, [chunk[i] for i in todo], kind, [generation[i] for i in todo],
                               config.gen_tokens, config.seed)
-        folder.mkdir(parents=True, exist_ok=True)
         for i, row in zip(todo, fresh):
             rows[i] = row
-            write_atomic(folder / f"{keys[i]}.json", lambda tmp, row=row: tmp.write_text(json.dumps(row), "utf-8"))
+            write_json(folder / f"{keys[i]}.json", row)
     return [rows[i] for i in range(len(chunk))]
 
 
@@ -181,7 +177,7 @@ def _record_key(record: EvalRecord, kind: str, generation: bool, config: EvalCon
     payload = {"request": vars(record.request), "paraphrase": record.paraphrase_prompts,
                "neighborhood": [record.neighborhood_prompts, record.neighborhood_targets],
                "generation": record.generation_prompts if generation else None, "kind": kind,
-               "gen_tokens": config.gen_tokens, "seed": config.seed, "metrics": 2}
+               "gen_tokens": config.gen_tokens, "seed": config.seed, "metrics": 3}
     return digest(payload)
 
 

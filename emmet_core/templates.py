@@ -8,11 +8,9 @@ the sampling uses its own ``torch.Generator`` and the result is cached on disk p
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import torch
 
+from .diskcache import digest, read_json, write_json
 from .errors import require_finite
 from .models import LoadedModel, cache_dir
 
@@ -31,10 +29,11 @@ def context_templates(
     ``recipe`` is a list of (length in tokens, how many): ROME uses [(5, 10), (10, 10)],
     MEMIT/EMMET [(10, 5)]. Prefixes cycle through :data:`STARTERS`.
     """
-    key = json.dumps({"model": loaded.fingerprint, "recipe": recipe, "seed": seed, "top_k": top_k})
-    path = cache_dir() / "templates" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
-    if use_cache and path.is_file():
-        return json.loads(path.read_text())["templates"]
+    key = {"model": loaded.fingerprint, "recipe": [list(x) for x in recipe], "seed": seed, "top_k": top_k}
+    path = cache_dir() / "templates" / f"{digest(key)}.json"
+    cached = read_json(path) if use_cache else None
+    if isinstance(cached, dict) and cached.get("key") == key and _valid(cached.get("templates")):
+        return cached["templates"]
     generator = torch.Generator().manual_seed(seed)
     templates = ["{}"]
     for length, count in recipe:
@@ -44,11 +43,13 @@ def context_templates(
             for text in _sample(loaded, starter, n, length, top_k, generator):
                 templates.append(_clean(text) + ". {}")
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": json.loads(key), "templates": templates}, indent=1))
-        tmp.replace(path)
+        write_json(path, {"key": key, "templates": templates})
     return templates
+
+
+def _valid(templates: object) -> bool:
+    return (isinstance(templates, list) and bool(templates) and templates[0] == "{}"
+            and all(isinstance(t, str) and t.count("{}") == 1 for t in templates))
 
 
 @torch.no_grad()

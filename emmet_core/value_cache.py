@@ -16,9 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from .diskcache import digest, write_atomic
+from .diskcache import digest, tensors_sha, write_atomic
 from .models import LoadedModel, cache_dir
 from .request import EditRequest
 from .values import PER_FACT, ValueConfig, ValueResult, compute_values
@@ -28,7 +29,7 @@ def group_key(loaded: LoadedModel, layer: int, site: str, config: ValueConfig, t
     """Everything v* depends on apart from the fact itself (not how facts are grouped)."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "rows_per_pass"}
     return digest({"model": loaded.fingerprint, "layer": layer, "site": site,
-                   "config": settings, "templates": templates, "v": 2})
+                   "config": settings, "templates": templates, "v": 3})
 
 
 def fact_key(request: EditRequest) -> str:
@@ -72,12 +73,18 @@ def cached_values(
 
 
 def _read(path: Path) -> dict[str, torch.Tensor] | None:
+    """A fact's cached v* if the file is whole, ours and unchanged; else None (recompute)."""
     try:
-        row = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            row = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception:  # a torn or foreign file: recompute that fact
         return None
-    return row if set(row) == set(PER_FACT) and all(torch.isfinite(t).all() for t in row.values()) else None
+    if set(row) != set(PER_FACT) or meta.get("sha256") != tensors_sha(row):
+        return None
+    return row if all(torch.isfinite(t).all() for t in row.values()) else None
 
 
 def _write(path: Path, row: dict[str, torch.Tensor]) -> None:
-    write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in row.items()}, str(tmp)))
+    row = {k: v.contiguous() for k, v in row.items()}
+    write_atomic(path, lambda tmp: save_file(row, str(tmp), metadata={"sha256": tensors_sha(row)}))

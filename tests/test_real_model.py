@@ -42,6 +42,32 @@ def test_model_loads_offline_from_its_snapshot(smollm):
     assert p_true[0] > p_new[0]  # unedited, the model says French
 
 
+def test_a_damaged_snapshot_is_rebuilt_not_loaded(smollm, tmp_path, monkeypatch):
+    """A byte flipped inside the converted weights, or a file cut short: the marker's
+    sha256 no longer matches, so the snapshot is converted again from the GGUF."""
+    import shutil
+
+    from emmet_core import load_model
+    from emmet_core.models import _snapshot_ok
+
+    (source,) = (cache_dir() / "models").glob("smollm2-135m-*")
+    monkeypatch.setenv("EMMET_CACHE_DIR", str(tmp_path))
+    copy = tmp_path / "models" / source.name
+    shutil.copytree(source, copy)
+    weights = copy / "model.safetensors"
+    with weights.open("r+b") as handle:  # one byte in the middle of the tensors
+        handle.seek(weights.stat().st_size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    assert not _snapshot_ok(copy)
+    reloaded = load_model("smollm2-135m", device="cpu")
+    assert _snapshot_ok(copy) and same_weights(reloaded.model, weights_of(smollm.model))
+    with weights.open("r+b") as handle:
+        handle.truncate(weights.stat().st_size - 1000)
+    assert not _snapshot_ok(copy)
+
+
 @pytest.mark.parametrize("algorithm", ["rome", "memit", "emmet"])
 def test_darrieux_edit_generalises_to_a_paraphrase(algorithm, editor, smollm):
     saved = weights_of(smollm.model)
