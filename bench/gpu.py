@@ -22,7 +22,8 @@ are upper bounds for real checkpoints. Stages:
 Every stage has a time budget and its own try/except; the results file is rewritten after
 every stage, so a cut run keeps what it measured.
 
-Here (once per checkout; writes the ignored folder .bench-gpu: tokenizer, corpus, facts, revision):
+Here (once per checkout; writes the ignored folder .bench-gpu: tokenizer, corpus, 10,000 facts
+without two that share a key, revision):
     python bench/gpu.py --prepare
 On the device machine (it has PyTorch, transformers, accelerate, safetensors, PyYAML, tqdm):
     python3 bench/gpu.py --assets .bench-gpu --out $OUT/gpu.json      # carry: [".bench-gpu"]
@@ -142,7 +143,15 @@ def prepare_assets(folder: Path, facts: int = 10_000, corpus_docs: int = 10_033)
     with (folder / "corpus.jsonl").open("w", encoding="utf-8") as handle:
         for _, text in zip(range(corpus_docs), corpus_texts("wiki-offline")):
             handle.write(json.dumps({"text": text}) + "\n")
-    records = json.loads(DATA.read_text(encoding="utf-8"))[:facts]
+    # One batch cannot hold two facts that read the same key with different objects (224
+    # such pairs among the 10,000 edit records), so the train split tops up what is left out.
+    records, keys = [], set()
+    for split in ("counterfact-edit.json", "counterfact-train.json"):
+        for record in json.loads((DATA.parent / split).read_text(encoding="utf-8")):
+            key = EditRequest(record["prompt"], record["subject"], record["target_new"]).key_text
+            if key not in keys and len(records) < facts:
+                keys.add(key)
+                records.append({**record, "case_id": f"{split.split('-')[1].split('.')[0]}-{record['case_id']}"})
     (folder / "counterfact.json").write_text(json.dumps(records), encoding="utf-8")
     (folder / "revision.txt").write_text(source_revision() or "unknown", encoding="utf-8")
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

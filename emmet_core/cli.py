@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from .provenance import versions
 
 if TYPE_CHECKING:
     from .models import LoadedModel
+    from .request import EditRequest
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
@@ -128,44 +130,111 @@ def parse_sets(items: list[str]) -> dict[str, object]:
     """``["kl_factor=0.1", "layers=[3, 4]"]`` -> overrides, values read as YAML scalars/lists."""
     import yaml
 
-    overrides = {}
+    found = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise EditError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(text)
-    return overrides
+        try:
+            found[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise EditError(f"--set {key.strip()}: cannot read the value {text!r}") from None
+    return found
 
 
-def _requests(args: argparse.Namespace) -> list[dict]:
+def _requests(args: argparse.Namespace) -> list[EditRequest]:
+    """The requests of ``emmet edit``, checked as far as text goes (before any model loads)."""
+    from .request import check_conflicts, request_from
+
     if args.requests:
         try:
             with open(args.requests, encoding="utf-8") as handle:
                 data = json.load(handle)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise EditError(f"cannot read --requests {args.requests}: {exc}") from None
-        if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
-            raise EditError("--requests must hold a JSON list of objects")
-        return data
-    missing = [name for name in ("prompt", "subject", "target") if getattr(args, name) in (None, "")]
-    if missing:
-        raise EditError(f"missing --{', --'.join(missing)} (or give --requests FILE)")
-    return [{"prompt": args.prompt, "subject": args.subject, "target_new": args.target,
-             "target_true": args.target_true}]
+        except OSError as exc:
+            raise EditError(f"cannot read --requests {args.requests}: {exc.strerror or exc}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise EditError(f"--requests {args.requests} is not a JSON file") from None
+        if not isinstance(data, list) or not data:
+            raise EditError("--requests must hold a non-empty JSON list of objects")
+        batch = [request_from(item, f"--requests item {i + 1}") for i, item in enumerate(data)]
+    else:
+        missing = [name for name in ("prompt", "subject", "target") if getattr(args, name) in (None, "")]
+        if missing:
+            raise EditError(f"missing --{', --'.join(missing)} (or give --requests FILE)")
+        batch = [request_from({"prompt": args.prompt, "subject": args.subject, "target_new": args.target,
+                               "target_true": args.target_true})]
+    check_conflicts(batch)
+    return batch
+
+
+def overrides(args: argparse.Namespace, flags: dict[str, object]) -> dict[str, object]:
+    """Hyper-parameter overrides from a command's own flags and its ``--set`` items; a
+    key given both ways is refused rather than one of them silently winning."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    sets = parse_sets(args.hparam)
+    for key, value in sets.items():
+        if key in given:
+            flag = {"v_num_grad_steps": "steps", "stats_corpus": "corpus", "stats_tokens": "tokens"}.get(key, key)
+            raise EditError(f"--set {key}=… repeats --{flag.replace('_', '-')}; give it once")
+        if key == "algorithm":
+            raise EditError("--set algorithm=… is not a hyper-parameter here; use --algo")
+        if key == "layers" and isinstance(value, int | str) and not isinstance(value, bool):
+            value = parse_layers(str(value))  # --set layers=4 or layers=3-5, like --layers
+        given[key] = value
+    return given
+
+
+def writable_dir(path: str, what: str) -> Path:
+    """Make sure ``path`` can hold output before any work starts."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".emmet-write-check-"):
+            pass
+    except OSError as exc:
+        raise EditError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    return folder
+
+
+def at_least(value: int | None, low: int, flag: str) -> None:
+    if value is not None and value < low:
+        raise EditError(f"{flag} must be ≥ {low}, not {value}")
+
+
+def _preset_check(args: argparse.Namespace, given: dict[str, object]) -> None:
+    """Validate the hyper-parameters against the model's preset before loading it (a
+    model without a preset is checked once loaded, against the generic fallback)."""
+    from .hparams import load_preset
+
+    try:
+        preset = load_preset(args.model, args.algo)
+    except EditError as exc:
+        if "no preset" in str(exc):
+            return
+        raise
+    preset.replace(**given)
 
 
 def cmd_edit(args: argparse.Namespace) -> dict:
     from .editor import Editor
     from .probe import generate, score_targets
+    from .stats import check_corpus
 
+    requests = _requests(args)
+    given = overrides(args, {"layers": parse_layers(args.layers), "seed": args.seed,
+                             "v_num_grad_steps": args.steps, "stats_corpus": args.corpus,
+                             "stats_tokens": args.tokens})
+    _preset_check(args, given)
+    if args.corpus:
+        check_corpus(args.corpus)
+    if args.save:
+        writable_dir(args.save, "--save")
     started = time.perf_counter()
     loaded = load(args)
     load_seconds = time.perf_counter() - started
     editor = Editor(loaded, on_phase=lambda phase: print(f"[emmet] {phase}", file=sys.stderr))
-    hp = editor.hparams(args.algo, layers=parse_layers(args.layers), seed=args.seed,
-                        v_num_grad_steps=args.steps, stats_corpus=args.corpus, stats_tokens=args.tokens,
-                        **parse_sets(args.hparam))
-    batch = editor.prepare(_requests(args))
+    hp = editor.hparams(args.algo, **given)
+    batch = editor.prepare(editor.check(hp, requests))
     prompts = [r.text for r in batch]
 
     def probe() -> list[dict]:
@@ -209,11 +278,13 @@ def _print_edit(report: dict) -> None:
 def cmd_stats(args: argparse.Namespace) -> dict:
     import torch
 
-    from .stats import DEFAULT_CORPUS, layer_covariances
+    from .stats import DEFAULT_CORPUS, check_corpus, layer_covariances
 
-    loaded = load(args)
     layers = parse_layers(args.layers) or ()
+    at_least(args.tokens, 1, "--tokens")
     corpus, tokens = args.corpus or DEFAULT_CORPUS, args.tokens or 100_000
+    check_corpus(corpus)
+    loaded = load(args)
     started = time.perf_counter()
     covs = layer_covariances(loaded, list(layers), corpus, tokens, getattr(torch, args.dtype_stats),
                              precision=args.precision)
@@ -242,19 +313,28 @@ def cmd_eval(args: argparse.Namespace) -> dict:
         raise EditError("emmet eval needs --data and --out (or --plot DIR...)")
     from .editor import Editor
     from .runner import EvalConfig, run_eval
+    from .stats import check_corpus
 
+    for value, low, flag in ((args.n, 1, "--n"), (args.offset, 0, "--offset"), (args.batch_size, 1, "--batch-size"),
+                             (args.generation_every, 1, "--generation-every"), (args.gen_tokens, 1, "--gen-tokens"),
+                             (args.tokens, 1, "--tokens")):
+        at_least(value, low, flag)
+    given = overrides(args, {"layers": parse_layers(args.layers), "stats_corpus": args.corpus,
+                             "stats_tokens": args.tokens, "seed": args.seed})
+    _preset_check(args, given)
+    given.pop("seed")  # the run's own setting (EvalConfig.seed)
+    if args.corpus:
+        check_corpus(args.corpus)
     dataset = load_dataset(args.data, skip_bad=args.skip_bad)
     end = None if args.n is None else args.offset + args.n
     dataset.records = dataset.records[args.offset : end]
     if not dataset.records:
         raise EditError(f"no records left after --offset {args.offset} --n {args.n}")
+    out = writable_dir(args.out, "--out")
     loaded = load(args)
-    overrides = {k: v for k, v in {"layers": parse_layers(args.layers), "stats_corpus": args.corpus,
-                                    "stats_tokens": args.tokens}.items() if v is not None}
-    overrides.update(parse_sets(args.hparam))
     config = EvalConfig(args.algo, args.batch_size, args.sequential, args.generation_every, args.gen_tokens,
-                        args.seed, overrides)
-    summary = run_eval(Editor(loaded), dataset, config, Path(args.out), args.model)
+                        args.seed, given, data=args.data, offset=args.offset)
+    summary = run_eval(Editor(loaded), dataset, config, out, args.model)
     pre, post = summary["pre"], summary["post"]
     for name in post:
         print(f"{name:>3}  {pre.get(name, float('nan')):7.2f} -> {post[name]:7.2f}")
@@ -277,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     except EditError as exc:
         print(f"emmet: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("emmet: interrupted (an eval resumes from its --out folder)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -129,8 +129,17 @@ def load_dataset(source: str, skip_bad: bool = False) -> Dataset:
     """A local JSON/JSONL file, or a hub dataset id (``hf:NAME[:SPLIT]``, online users)."""
     path = Path(source)
     if path.is_file():
-        text = path.read_text(encoding="utf-8")
-        raw = [json.loads(x) for x in text.splitlines() if x.strip()] if path.suffix == ".jsonl" else json.loads(text)
+        try:
+            text = path.read_text(encoding="utf-8")
+            raw = [json.loads(x) for x in text.splitlines() if x.strip()] if path.suffix == ".jsonl" \
+                else json.loads(text)
+        except OSError as exc:
+            raise BadRecordError(f"cannot read {source}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise BadRecordError(f"{source} is not UTF-8 text: expected a JSON list of records") from None
+        except json.JSONDecodeError as exc:
+            raise BadRecordError(f"{source} is not valid JSON (line {exc.lineno}: {exc.msg}); "
+                                 "expected a JSON list of CounterFact or zsRE records") from None
         return parse_records(raw, path.name, skip_bad)
     if source.startswith("hf:"):
         import datasets
@@ -138,4 +147,4 @@ def load_dataset(source: str, skip_bad: bool = False) -> Dataset:
         name, _, split = source[3:].partition(":")
         rows = datasets.load_dataset(name, split=split or "train")
         return parse_records([dict(r) for r in rows], name, skip_bad)
-    raise BadRecordError(f"dataset {source!r} is neither a file nor hf:NAME")
+    raise BadRecordError(f"dataset {source!r} is neither a file nor hf:NAME[:SPLIT]")

@@ -23,14 +23,15 @@ import torch
 
 from .errors import InvalidRequestError, NumericalError, UnsupportedModelError
 from .hparams import HParams, load_preset
-from .keys import compute_keys, layer_outputs
+from .keys import compute_keys, encode_in_template, layer_outputs
 from .ledger import Delta, Ledger
 from .models import LoadedModel
 from .probe import greedy_answer, score_targets
-from .request import EditRequest, check_conflicts
+from .request import EditRequest, check_conflicts, request_from
 from .solvers import emmet_update, memit_update, rome_update
 from .stats import layer_covariances
 from .templates import context_templates
+from .tokens import target_ids
 from .value_cache import cached_values
 from .values import compute_values
 
@@ -175,6 +176,7 @@ class Editor:
         hp = hparams if hparams is not None else self.hparams(algorithm, **overrides)
         for layer in hp.layers:
             self.adapter.device(layer)  # in range and resident (not offloaded by a device map)
+        self._value_site(hp)
         timer = _Timer(on_phase or self.on_phase)
         if checked:
             batch = list(requests)
@@ -196,10 +198,37 @@ class Editor:
         result.seconds = {**timer.seconds, "total": time.perf_counter() - started}
         return result
 
+    def check(self, hp: HParams, requests: Iterable[RequestLike] = (), batch_size: int | None = None
+              ) -> list[EditRequest]:
+        """Refuse, before any model work, what needs none: layers out of range, offloaded
+        or more than the family allows, malformed requests, conflicting ones within a batch
+        (``batch_size`` consecutive requests; all of them when None), and prompts that with
+        their longest context template and target exceed the context window. Returns the
+        requests as :class:`EditRequest`."""
+        for layer in hp.layers:
+            self.adapter.device(layer)  # in range and resident (not offloaded by a device map)
+        self._value_site(hp)
+        batch = [request_from(r, f"request {i + 1}") for i, r in enumerate(requests)]
+        size = batch_size or max(len(batch), 1)
+        for first in range(0, len(batch), size):
+            check_conflicts(batch[first : first + size])
+        limit = self.adapter.context_length()
+        if batch and limit:
+            tok = self.loaded.tokenizer
+            longest = max(self._context_templates(hp, _Timer()), key=len)
+            for request in batch:
+                ids, _ = encode_in_template(tok, longest, request)
+                size = len(ids) + len(target_ids(tok, request.target_new)) - 1
+                if size > limit:
+                    raise InvalidRequestError(
+                        f"{request.text!r} with its longest context template and target is {size} tokens, "
+                        f"more than the model's context of {limit}")
+        return batch
+
     def prepare(self, requests: Iterable[RequestLike], refuse_current: bool = True) -> list[EditRequest]:
         """Validate requests, fill in missing old objects with the model's own answer, and
         refuse targets the model already gives."""
-        batch = [r if isinstance(r, EditRequest) else EditRequest(**r) for r in requests]
+        batch = [request_from(r, f"request {i + 1}") for i, r in enumerate(requests)]
         if not batch:
             raise InvalidRequestError("no edit requests given")
         check_conflicts(batch)
@@ -238,7 +267,7 @@ class Editor:
         unedited model, whose values the cache holds. ``progress(k)`` hears of every k facts done."""
         if not self.ledger.is_original:
             raise InvalidRequestError("warm_values needs the unedited model (undo or reset first)")
-        batch = [r if isinstance(r, EditRequest) else EditRequest(**r) for r in requests]
+        batch = [request_from(r, f"request {i + 1}") for i, r in enumerate(requests)]
         layer, site = self._value_site(hparams)
         cached_values(self.loaded, batch, self._context_templates(hparams, _Timer()), layer, site, hparams.values,
                       progress=progress)

@@ -63,23 +63,18 @@ class HParams:
             raise InvalidRequestError(
                 f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}"
             )
-        if not self.layers:
+        for name, (kind, allowed) in _CHECKS.items():
+            value = getattr(self, name)
+            if not _is(kind, value) or not allowed(value):
+                raise InvalidRequestError(f"{name} must be {_WANTED[name]}, not {value!r}")
+        layers = _int_list(self.layers, "layers")
+        if not layers:
             raise InvalidRequestError("no layers to edit")
-        if self.algorithm == "rome" and len(self.layers) != 1:
-            raise InvalidRequestError(f"ROME edits exactly one layer, got {list(self.layers)}")
-        if self.rome_variant not in ("rebuilt", "original"):
-            raise InvalidRequestError(f"rome_variant must be 'rebuilt' or 'original', not {self.rome_variant!r}")
-        for name in ("value_precision", "stats_precision"):
-            if getattr(self, name) not in PRECISIONS:
-                raise InvalidRequestError(f"{name} must be one of {', '.join(PRECISIONS)}, not {getattr(self, name)!r}")
-        if self.value_rows_per_pass is not None and self.value_rows_per_pass < 1:
-            raise InvalidRequestError("value_rows_per_pass must be ≥ 1 (or unset: sized automatically)")
-        if self.v_num_grad_steps < 1 or self.v_lr <= 0:
-            raise InvalidRequestError("v_num_grad_steps must be ≥ 1 and v_lr > 0")
-        object.__setattr__(self, "layers", tuple(sorted({int(x) for x in self.layers})))
-        object.__setattr__(
-            self, "context_templates", tuple((int(a), int(b)) for a, b in self.context_templates)
-        )
+        if self.algorithm == "rome" and len(set(layers)) != 1:
+            raise InvalidRequestError(f"ROME edits exactly one layer, got {sorted(set(layers))}")
+        recipe = _int_list(self.context_templates, "context_templates", pairs=True)
+        object.__setattr__(self, "layers", tuple(sorted(set(layers))))
+        object.__setattr__(self, "context_templates", tuple(tuple(pair) for pair in recipe))
 
     @property
     def values(self) -> ValueConfig:
@@ -110,6 +105,52 @@ class HParams:
         data["layers"] = list(self.layers)
         data["context_templates"] = [list(x) for x in self.context_templates]
         return data
+
+
+def _is(kind: type | tuple, value: object) -> bool:
+    """Type check that does not take True for the number 1."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, int | float)
+    return isinstance(value, kind)
+
+
+def _int_list(value: object, name: str, pairs: bool = False) -> list:
+    """``layers`` (ints ≥ 0) or ``context_templates`` (pairs of ints ≥ 1), checked."""
+    wanted = "a list of [tokens, count] pairs of whole numbers ≥ 1" if pairs else "a list of layer numbers"
+    if not isinstance(value, list | tuple):
+        raise InvalidRequestError(f"{name} must be {wanted}, not {value!r}")
+    out = []
+    for item in value:
+        parts = list(item) if pairs and isinstance(item, list | tuple) else [item]
+        if (pairs and len(parts) != 2) or not all(_is(int, x) and x >= (1 if pairs else 0) for x in parts):
+            raise InvalidRequestError(f"{name} must be {wanted}, not {value!r}")
+        out.append(parts if pairs else parts[0])
+    return out
+
+
+# Field -> (type, allowed values) and the words for an error; layers/context_templates apart.
+_CHECKS = {
+    "v_num_grad_steps": (int, lambda v: v >= 1), "v_lr": (float, lambda v: v > 0),
+    "v_weight_decay": (float, lambda v: v >= 0), "clamp_norm_factor": (float, lambda v: v > 0),
+    "kl_factor": (float, lambda v: v >= 0), "mom2_update_weight": (float, lambda v: v >= 0),
+    "emmet_lambda": (float, lambda v: v >= 0), "ridge_single": (bool, lambda v: True),
+    "rome_variant": (str, lambda v: v in ("rebuilt", "original")),
+    "value_precision": (str, lambda v: v in PRECISIONS), "stats_precision": (str, lambda v: v in PRECISIONS),
+    "value_rows_per_pass": ((int, type(None)), lambda v: v is None or v >= 1), "seed": (int, lambda v: True),
+    "stats_corpus": (str, lambda v: bool(v.strip())), "stats_tokens": (int, lambda v: v >= 1),
+    "stats_dtype": (str, lambda v: v in ("float32", "float64")),
+}
+_WANTED = {
+    "v_num_grad_steps": "a whole number ≥ 1", "v_lr": "a number > 0", "v_weight_decay": "a number ≥ 0",
+    "clamp_norm_factor": "a number > 0", "kl_factor": "a number ≥ 0", "mom2_update_weight": "a number ≥ 0",
+    "emmet_lambda": "a number ≥ 0", "ridge_single": "true or false", "rome_variant": "rebuilt or original",
+    "value_precision": " or ".join(PRECISIONS), "stats_precision": " or ".join(PRECISIONS),
+    "value_rows_per_pass": "a whole number ≥ 1 (or unset: sized automatically)", "seed": "a whole number",
+    "stats_corpus": "wiki-offline, a file or hf:NAME", "stats_tokens": "a whole number ≥ 1",
+    "stats_dtype": "float32 or float64",
+}
 
 
 def preset_name(model_name: str) -> str | None:

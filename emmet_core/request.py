@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 from .errors import InvalidRequestError
 
@@ -37,13 +39,14 @@ class EditRequest:
         if slots > 1:
             raise InvalidRequestError(f"prompt {prompt!r} has {slots} '{{}}' slots; use exactly one")
         if slots == 0:
-            index = prompt.find(subject)
-            if index < 0:
+            found = re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", prompt)  # whole words only
+            if found is None:
+                inside = " (it occurs only inside a longer word)" if subject in prompt else ""
                 raise InvalidRequestError(
-                    f"subject {subject!r} does not occur in prompt {prompt!r}; "
+                    f"subject {subject!r} does not occur in prompt {prompt!r}{inside}; "
                     "put '{}' where the subject goes or include it verbatim"
                 )
-            prompt = prompt[:index] + SUBJECT_SLOT + prompt[index + len(subject) :]
+            prompt = prompt[: found.start()] + SUBJECT_SLOT + prompt[found.end() :]
         target_new = self.target_new.strip()
         target_true = self.target_true.strip() if self.target_true else None
         if target_true is not None and target_true == target_new:
@@ -66,6 +69,12 @@ class EditRequest:
         start = self.prompt.index(SUBJECT_SLOT)
         return start, start + len(self.subject)
 
+    @property
+    def key_text(self) -> str:
+        """The text the edited matrix's key is read from: the prompt up to the end of the
+        subject (the subject's last token sees nothing after it)."""
+        return self.text[: self.subject_span[1]]
+
     def with_target_true(self, target_true: str) -> EditRequest:
         return EditRequest(self.prompt, self.subject, self.target_new, target_true)
 
@@ -75,14 +84,40 @@ def fill(template: str, subject: str) -> str:
     return template.replace(SUBJECT_SLOT, subject, 1)
 
 
+def request_from(item: object, where: str = "request") -> EditRequest:
+    """An :class:`EditRequest` from a mapping as users write them (a JSON object, a CSV
+    row), with one readable error for unknown keys or values that are not text."""
+    if isinstance(item, EditRequest):
+        return item
+    if not isinstance(item, Mapping):
+        raise InvalidRequestError(f"{where} must be an object with prompt, subject and target_new, not {item!r}")
+    allowed = [f.name for f in fields(EditRequest)]
+    unknown = sorted(set(item) - set(allowed))
+    if unknown:
+        raise InvalidRequestError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; "
+                                  f"allowed: {', '.join(allowed)}")
+    for name, value in item.items():
+        if not isinstance(value, str) and not (name == "target_true" and value is None):
+            raise InvalidRequestError(f"{where}: {name} must be text, not {value!r}")
+    return EditRequest(**item)
+
+
 def check_conflicts(requests: list[EditRequest]) -> None:
-    """Reject a batch that asks the same (subject, relation) for two different objects."""
-    seen: dict[tuple[str, str], str] = {}
+    """Reject a batch that asks one key for two different objects.
+
+    The edited matrix reads the subject's last token, which sees only the text before
+    it: two prompts that agree up to the end of the subject ("Berlin is the capital of",
+    "Berlin is in") give the same key, and one matrix cannot map one key to two values
+    (EMMET drops one silently or learns neither; MEMIT averages them)."""
+    seen: dict[str, EditRequest] = {}
     for request in requests:
-        key = (request.subject, request.prompt)
-        previous = seen.setdefault(key, request.target_new)
-        if previous != request.target_new:
+        before = request.key_text
+        previous = seen.setdefault(before, request)
+        if previous.target_new != request.target_new:
+            same = "the same prompt" if previous.text == request.text else \
+                f"prompts that agree up to the subject ({before!r}), hence the same key,"
             raise InvalidRequestError(
-                f"conflicting edits in one batch: {request.text!r} -> {previous!r} and "
-                f"-> {request.target_new!r}"
+                f"conflicting edits in one batch: {previous.text!r} -> {previous.target_new!r} and "
+                f"{request.text!r} -> {request.target_new!r} have {same} with different new objects; "
+                "edit them in separate batches or move the subject later in one prompt"
             )

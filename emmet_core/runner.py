@@ -41,6 +41,8 @@ class EvalConfig:
     gen_tokens: int = 100
     seed: int = 0
     overrides: dict = field(default_factory=dict)  # hyper-parameter overrides
+    data: str | None = None  # where the records came from, and from which one on (recorded)
+    offset: int = 0
 
 
 def _done_ids(path: Path) -> list[dict]:
@@ -61,10 +63,15 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
     out.mkdir(parents=True, exist_ok=True)
     records_path = out / "records.jsonl"
     done = _done_ids(records_path)
-    if done and done[0].get("config") != _config_key(config):
-        raise EditError(f"{records_path} was written with other settings; use a new --out directory")
-    records_path.write_text("".join(json.dumps(line) + "\n" for line in done), encoding="utf-8")
+    key = _config_key(config, editor, dataset)
+    if done and done[0].get("config") != key:
+        differ = sorted(k for k in key if (done[0].get("config") or {}).get(k) != key[k])
+        raise EditError(f"{records_path} was written by another run (it differs in {', '.join(differ)}); "
+                        "use a new --out directory")
     hp = editor.hparams(config.algorithm, seed=config.seed, **config.overrides)
+    # Layers, conflicting facts within a chunk, lengths: refused before any record is scored.
+    editor.check(hp, [r.request for r in dataset.records], batch_size=config.batch_size)
+    records_path.write_text("".join(json.dumps(line) + "\n" for line in done), encoding="utf-8")
     chunks = [dataset.records[i : i + config.batch_size] for i in range(0, len(dataset.records), config.batch_size)]
     started = time.perf_counter()
     software = versions()  # read once: the code that runs, even if the checkout changes meanwhile
@@ -92,7 +99,7 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
             norms = combined_norms(results)  # every fact of a ROME chunk, not just its last
             for record, before, after in zip(chunk, pre, post):
                 line = {"case_id": record.case_id, "chunk": index, "pre": before, "post": after,
-                        "delta_norms": {str(k): v for k, v in norms.items()}, "config": _config_key(config)}
+                        "delta_norms": {str(k): v for k, v in norms.items()}, "config": key}
                 handle.write(json.dumps(line) + "\n")
                 done.append(line)
             handle.flush()
@@ -181,7 +188,11 @@ def _record_key(record: EvalRecord, kind: str, generation: bool, config: EvalCon
     return digest(payload)
 
 
-def _config_key(config: EvalConfig) -> dict:
+def _config_key(config: EvalConfig, editor: Editor, dataset: Dataset) -> dict:
+    """What a resumed run must share with the one that wrote ``records.jsonl``: the
+    settings, the model (its fingerprint counts its dtype) and the very records, in order
+    (so another data file, --offset or --n is caught, not skipped over by position)."""
+    records = [[r.case_id, vars(r.request)] for r in dataset.records]
     return {"algorithm": config.algorithm, "batch_size": config.batch_size, "sequential": config.sequential,
-            "seed": config.seed, "overrides": config.overrides}
-
+            "seed": config.seed, "overrides": config.overrides, "model": editor.loaded.fingerprint,
+            "records": digest(records)}

@@ -83,6 +83,25 @@ def _text_of(item: object) -> str | None:
 
 
 def _local_texts(path: Path) -> Iterator[str]:
+    try:
+        yield from _read_local(path)
+    except UnicodeDecodeError:
+        raise StatsCacheError(f"corpus file {path} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise StatsCacheError(f"corpus file {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except OSError as exc:
+        raise StatsCacheError(f"cannot read corpus file {path}: {exc.strerror or exc}") from None
+
+
+def check_corpus(corpus: str) -> None:
+    """Refuse a local corpus that holds no readable text, before any model work."""
+    if corpus == DEFAULT_CORPUS or corpus.startswith(("hf:", "wikitext-")):
+        return  # a package or a hub dataset: found when first read
+    if next(corpus_texts(corpus), None) is None:  # unknown names and unreadable files raise here
+        raise StatsCacheError(f"corpus file {corpus} holds no text documents")
+
+
+def _read_local(path: Path) -> Iterator[str]:
     if path.suffix == ".jsonl":
         items = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
     elif path.suffix == ".json":

@@ -39,6 +39,40 @@ def test_bad_request_changes_nothing(case, setup):
     assert same_weights(loaded.model, saved) and not editor.history
 
 
+def test_the_subject_matches_whole_words_only():
+    from emmet_core.request import EditRequest
+
+    request = EditRequest("Paris is the capital of", "is", "was")
+    assert request.prompt == "Paris {} the capital of"  # the word, not the "is" inside "Paris"
+    with pytest.raises(InvalidRequestError, match="only inside a longer word"):
+        EditRequest("Paris is the capital of", "Par", "Rome")
+
+
+@pytest.mark.parametrize("item, message", [
+    ({"prompt": "{} is", "subj": "Berlin", "target_new": "Rome"}, "unknown key"),
+    ({"prompt": "{} is", "subject": "Berlin", "target_new": ["Rome"]}, "must be text"),
+    ("Berlin is Rome", "must be an object"),
+])
+def test_requests_from_mappings_name_what_is_wrong(item, message, setup):
+    loaded, editor, saved, corpus = setup
+    with pytest.raises(InvalidRequestError, match=message):
+        editor.apply([item], hparams=tiny_hparams(editor, "emmet", corpus))
+    assert same_weights(loaded.model, saved)
+
+
+def test_facts_that_share_a_key_with_different_objects_are_refused(setup):
+    """'Berlin is the capital of' and 'Berlin is in' read the same key (the text up to the
+    subject's last token is the same); EMMET would drop one of them silently."""
+    loaded, editor, saved, corpus = setup
+    batch = [{"prompt": "{} is the capital of", "subject": "Berlin", "target_new": "Italy"},
+             {"prompt": "{} is in", "subject": "Berlin", "target_new": "Spain"}]
+    with pytest.raises(InvalidRequestError, match="same key"):
+        editor.apply(batch, hparams=tiny_hparams(editor, "emmet", corpus, mom2_update_weight=0.0))
+    assert same_weights(loaded.model, saved)
+    both = [batch[0], {**batch[1], "target_new": "Italy"}]  # the same object twice is fine
+    editor.apply(both, hparams=tiny_hparams(editor, "emmet", corpus), refuse_current=False)
+
+
 def test_conflicting_edits_in_one_batch(setup):
     loaded, editor, saved, corpus = setup
     batch = [FACT, {**FACT, "target_new": "German"}]
@@ -52,6 +86,9 @@ def test_conflicting_edits_in_one_batch(setup):
     ({"layers": (9,)}, UnsupportedModelError, r"layers 0\.\.3"),
     ({"layers": (1, 2)}, InvalidRequestError, "exactly one layer"),
     ({"rome_variant": "new"}, InvalidRequestError, "rome_variant"),
+    ({"v_lr": "abc"}, InvalidRequestError, "v_lr must be a number > 0, not 'abc'"),
+    ({"stats_tokens": -5}, InvalidRequestError, "stats_tokens must be a whole number ≥ 1"),
+    ({"layers": "4"}, InvalidRequestError, "layers must be a list of layer numbers"),
 ])
 def test_bad_hyper_parameters(change, error, message, setup):
     loaded, editor, saved, corpus = setup

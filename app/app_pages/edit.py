@@ -44,6 +44,7 @@ def prefill(session: Session) -> dict[str, object]:
                 answers[answer_key] = session.answer([request.text], timeout=3)[0]
             except ModelBusyError:
                 st.caption("Another session is editing: the model's answer is filled in when it is free.")
+                state["_answer_pending"] = True  # the page asks again once it is drawn (bottom of this file)
             except EditError as exc:
                 st.error(f"Reading the model's answer: {exc}")
         if answer_key in answers:
@@ -235,3 +236,6 @@ if st.button(f"Apply edit with {ALGORITHMS[algorithm]}", type="primary", icon=":
 shown = state.get("edit_report")
 if shown is not None and shown[0] == session.id:
     render(shown[1], session)
+if state.pop("_answer_pending", False):  # the model was busy: try the old object again shortly
+    time.sleep(1.0)
+    st.rerun()
