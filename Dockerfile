@@ -2,6 +2,8 @@
 #   docker build -t emmet-studio .
 #   docker run --gpus all -p 8501:8501 -v emmet-cache:/cache emmet-studio
 # A model larger than one GPU: add -e EMMET_DEVICE_MAP=auto (accelerate spreads it over every GPU).
+# The container serves others: visitors pick only from EMMET_MODELS and save only into
+# EMMET_EXPORT_DIR (README, "Running the app for others"); put a proxy with a login in front.
 # The base image brings CUDA and a CUDA build of torch; pick a tag that matches the host's
 # driver (--build-arg BASE_IMAGE=...). requirements.txt pins the CPU-tested torch, so torch
 # is left to the base image here, and the test-only packages are not installed.
@@ -14,6 +16,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TOKENIZERS_PARALLELISM=false \
     EMMET_CACHE_DIR=/cache \
+    EMMET_EXPORT_DIR=/cache/exports \
+    EMMET_MODELS=smollm2-135m,gemma3-270m \
     HF_HOME=/cache/huggingface
 
 WORKDIR /app

@@ -41,6 +41,13 @@ def cache_dir() -> Path:
     return path
 
 
+def export_dir() -> Path:
+    """Where a server writes the edited models its users save: ``$EMMET_EXPORT_DIR``, or
+    ``exports/`` in the cache. The server names what goes inside, never a visitor."""
+    root = os.environ.get("EMMET_EXPORT_DIR")
+    return Path(root) if root else cache_dir() / "exports"
+
+
 @dataclass(frozen=True)
 class OfflineAlias:
     """A model whose GGUF file comes from a PyPI package."""

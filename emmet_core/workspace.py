@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tempfile
 import threading
 import time
@@ -30,7 +31,7 @@ from .editor import Editor, EditResult, PhaseCallback, RequestLike, combined_nor
 from .errors import EditError, InvalidRequestError
 from .hparams import HParams
 from .ledger import Delta, Ledger, layers_of
-from .models import LoadedModel
+from .models import LoadedModel, export_dir
 from .probe import greedy_answer
 from .request import EditRequest
 
@@ -257,6 +258,19 @@ class Session:
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write this session's model as a safetensors checkpoint directory."""
         return self.run(lambda loaded: self.shared.editor.save_pretrained(directory))
+
+    def save_export(self) -> Path:
+        """Save this session's model in the server's export folder (:func:`models.export_dir`),
+        in a new directory named after the model, the edits, this session and the time."""
+        root = export_dir()
+        model = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(self.loaded.name).name).strip("-.") or "model"
+        name = f"{model}-{len(self.records)}-edits-{self.id}-{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            return self.save_pretrained(root / name)
+        except OSError as exc:
+            raise EditError(f"cannot write to the export folder {root}: {exc.strerror or exc} "
+                            "(the server's EMMET_EXPORT_DIR must be a writable folder)") from None
 
     def export_zip(self) -> bytes:
         """This session's model as a zip of its safetensors checkpoint directory."""

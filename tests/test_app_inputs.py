@@ -168,3 +168,17 @@ def test_anatomy_of_a_rank_one_update():
     assert numerical_rank(torch.tensor([3.0, 2.0, 1e-9])) == 2
     values = spectrum(torch.diag(torch.tensor([1.0, 5.0, 3.0])))
     assert values.tolist() == [5.0, 3.0, 1.0]
+
+
+def test_the_server_refuses_uploads_above_the_parsers_limit():
+    """Streamlit enforces server.maxUploadSize before the page sees the bytes; it must not
+    let through more than the parser accepts (and the Docker image copies this config)."""
+    import re
+    from pathlib import Path
+
+    from emmet_core.uploads import MAX_BYTES
+
+    config = (Path(__file__).resolve().parents[1] / ".streamlit" / "config.toml").read_text()
+    server = config.split("[server]", 1)[1].split("\n[", 1)[0]
+    megabytes = int(re.search(r"^maxUploadSize\s*=\s*(\d+)", server, re.MULTILINE).group(1))
+    assert 0 < megabytes * 2**20 <= MAX_BYTES

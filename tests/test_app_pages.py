@@ -32,6 +32,7 @@ def tiny_app(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EMMET_MODEL", str(root / "tiny-gpt2"))
         patch.setenv("EMMET_CACHE_DIR", str(root / "cache"))
+        patch.setenv("EMMET_EXPORT_DIR", str(root / "exports"))
         yield {"name": str(root / "tiny-gpt2"), "weights": weights_of(model), "root": root}
 
 
@@ -150,10 +151,11 @@ def test_history_page_undo_reset_and_export(tiny_app, tmp_path):
     at.switch_page("app_pages/history.py").run()
     assert not at.exception
     assert len(at.dataframe[0].value) == 1 and "Danielle Darrieux" in at.dataframe[0].value["edit"][0]
-    at.text_input(key="export_dir").set_value(str(tmp_path / "edited"))
+    assert not [t for t in at.text_input if t.key == "export_dir"]  # no path for a visitor to type
     at.button(key="save_model").click().run()
-    assert any("Saved to" in s.value for s in at.success)
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "edited").iterdir()}
+    (saved,) = (tiny_app["root"] / "exports").iterdir()  # EMMET_EXPORT_DIR, named by the app
+    assert any(saved.name in s.value for s in at.success) and saved.name.startswith("tiny-gpt2-1-edits-")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in saved.iterdir()}
     at.button(key="undo").click().run()
     assert any("Undone" in s.value for s in at.success) and session_of(at, tiny_app).records == []
     assert at.button(key="undo").disabled and at.button(key="reset").disabled
@@ -257,3 +259,23 @@ def test_placement_spreads_the_model_with_accelerate(tiny_app):
     session = session_of(at, tiny_app)
     assert len(session.records) == 1
     assert same_weights(session.shared.loaded.model, tiny_app["weights"])
+
+
+def test_a_failed_save_is_one_message_without_server_details(tiny_app, monkeypatch):
+    at = apply_edit(app())
+    blocker = tiny_app["root"] / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("EMMET_EXPORT_DIR", str(blocker / "exports"))  # cannot be a folder
+    at.switch_page("app_pages/history.py").run()
+    at.button(key="save_model").click().run()
+    assert not at.exception and len(at.error) == 1
+    assert "cannot write to the export folder" in at.error[0].value and "Traceback" not in at.error[0].value
+    assert not at.expander or all("bug report" not in e.label for e in at.expander)
+
+
+def test_a_shared_server_offers_only_its_configured_models(tiny_app, monkeypatch):
+    monkeypatch.setenv("EMMET_MODELS", tiny_app["name"])
+    at = app()
+    assert at.selectbox(key="model_choice").options == [tiny_app["name"]]
+    assert not [t for t in at.text_input if t.key == "model_other"]  # no path for a visitor to type
+    assert not at.exception and session_of(at, tiny_app).loaded.name == tiny_app["name"]

