@@ -62,7 +62,7 @@ from emmet_core.provenance import source_revision, versions  # noqa: E402
 from emmet_core.request import EditRequest  # noqa: E402
 from emmet_core.runner import EvalConfig, run_eval  # noqa: E402
 from emmet_core.stats import compute_covariances, token_sequences  # noqa: E402
-from emmet_core.workspace import Session, SharedModel  # noqa: E402
+from emmet_core.studio.workspace import Session, SharedModel  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
 ASSETS = ROOT / ".bench-gpu"

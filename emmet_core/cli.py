@@ -217,7 +217,7 @@ def _preset_check(args: argparse.Namespace, given: dict[str, object]) -> None:
 
 def cmd_edit(args: argparse.Namespace) -> dict:
     from .editor import Editor
-    from .probe import generate, score_targets
+    from .readout import generate, score_targets
     from .stats import check_corpus
 
     requests = _requests(args)
@@ -237,14 +237,14 @@ def cmd_edit(args: argparse.Namespace) -> dict:
     batch = editor.prepare(editor.check(hp, requests))
     prompts = [r.text for r in batch]
 
-    def probe() -> list[dict]:
+    def probabilities() -> list[dict]:
         new = score_targets(loaded, prompts, [r.target_new for r in batch])
         true = score_targets(loaded, prompts, [r.target_true for r in batch])
         return [{"p_new": a.prob, "p_true": b.prob} for a, b in zip(new, true)]
 
-    before, gen_before = probe(), generate(loaded, prompts)
+    before, gen_before = probabilities(), generate(loaded, prompts)
     result = editor.apply(batch, hparams=hp, refuse_current=False)  # checked by prepare() above
-    after, gen_after = probe(), generate(loaded, prompts)
+    after, gen_after = probabilities(), generate(loaded, prompts)
     if args.save:
         editor.save_pretrained(args.save)
     edits = [

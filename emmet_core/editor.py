@@ -26,7 +26,7 @@ from .hparams import HParams, load_preset
 from .keys import compute_keys, encode_in_template, layer_outputs
 from .ledger import Delta, Ledger
 from .models import LoadedModel
-from .probe import greedy_answer, score_targets
+from .readout import greedy_answer, score_targets
 from .request import EditRequest, check_conflicts, request_from
 from .solvers import emmet_update, memit_update, rome_update
 from .stats import layer_covariances

@@ -1,6 +1,6 @@
 """Score evaluation records on the model as it is now (before or after an edit).
 
-All prompts of all records go through :func:`probe.score_targets` in shared batches;
+All prompts of all records go through :func:`readout.score_targets` in shared batches;
 the metrics themselves are the pure functions of :mod:`metrics`.
 """
 
@@ -11,7 +11,7 @@ from statistics import fmean
 from . import metrics
 from .data import EvalRecord
 from .models import LoadedModel
-from .probe import generate, score_targets
+from .readout import generate, score_targets
 
 METRICS = ("ES", "PS", "NS", "EM", "PM", "NM", "GE", "S")
 

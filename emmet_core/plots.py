@@ -63,8 +63,11 @@ def _duration(seconds: float) -> str:
 def plot_batch_sizes(directories: list[Path], out: Path) -> list[Path]:
     """One panel per metric, one line per algorithm, batch size on a log axis; the
     unedited model's value as a dotted line. Writes HTML, and PNG if kaleido works."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+    try:
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+    except ImportError:
+        raise EditError("plotting needs Plotly: pip install 'emmet-studio[app]'") from None
 
     summaries = sorted(load_summaries(directories), key=lambda s: (s["algorithm"], s["batch_size"]))
     partial = [s for s in summaries if not s.get("complete", True)]

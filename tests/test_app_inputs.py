@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
-from emmet_core import figures
-from emmet_core.anatomy import numerical_rank, picture, spectrum
-from emmet_core.checks import CompareRow, Probe, format_neighbours, parse_lines, parse_neighbours
 from emmet_core.errors import InvalidRequestError
 from emmet_core.hparams import parse_layers
-from emmet_core.suggest import RelationIndex, generic_paraphrases, suggest
-from emmet_core.uploads import UploadError, parse_upload
+from emmet_core.studio import figures
+from emmet_core.studio.anatomy import numerical_rank, picture, spectrum
+from emmet_core.studio.suggest import RelationIndex, generic_paraphrases, suggest
+from emmet_core.studio.uploads import UploadError, parse_upload
+from emmet_core.studio.workflows import CompareRow, PromptScore, format_neighbours, parse_lines, parse_neighbours
 
 
 def mend(case, subject, prompt, new, true, rephrase, locality, locality_true):
@@ -134,10 +134,10 @@ def test_upload_limits_and_skipped_rows():
     assert upload.skipped[0].startswith("line 4: empty target_new") and "does not occur" in upload.skipped[1]
 
 
-def probes(p_new: list[float], p_true: list[float]) -> list[Probe]:
+def probes(p_new: list[float], p_true: list[float]) -> list[PromptScore]:
     import math
 
-    return [Probe(f"prompt {i}", "new", "old", a, b, -math.log(a), -math.log(b))
+    return [PromptScore(f"prompt {i}", "new", "old", a, b, -math.log(a), -math.log(b))
             for i, (a, b) in enumerate(zip(p_new, p_true))]
 
 
@@ -176,7 +176,7 @@ def test_the_server_refuses_uploads_above_the_parsers_limit():
     import re
     from pathlib import Path
 
-    from emmet_core.uploads import MAX_BYTES
+    from emmet_core.studio.uploads import MAX_BYTES
 
     config = (Path(__file__).resolve().parents[1] / ".streamlit" / "config.toml").read_text()
     server = config.split("[server]", 1)[1].split("\n[", 1)[0]

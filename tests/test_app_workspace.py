@@ -1,4 +1,4 @@
-"""Sessions sharing one model (emmet_core.workspace) and the readers the app runs on them,
+"""Sessions sharing one model (emmet_core.studio.workspace) and the readers the app runs on them,
 on tiny random models: isolation, exact replay, undo/reset, bad input, export, batch and
 comparison runs."""
 
@@ -14,12 +14,12 @@ import torch
 from conftest import make_model, make_tokenizer, same_weights, weights_of
 
 from emmet_core import Editor, score_targets
-from emmet_core.anatomy import pictures
-from emmet_core.checks import FactChecks, compare, edit_fact, record_for, run_batch
 from emmet_core.errors import InvalidRequestError, UnsupportedModelError
 from emmet_core.models import prepare
 from emmet_core.request import EditRequest
-from emmet_core.workspace import Session, SharedModel
+from emmet_core.studio.anatomy import pictures
+from emmet_core.studio.workflows import FactChecks, compare, edit_fact, record_for, run_batch
+from emmet_core.studio.workspace import Session, SharedModel
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -247,7 +247,7 @@ def test_value_cache_is_used_only_on_the_original_weights(shared, isolated_cache
 
 
 def test_a_reader_that_will_not_wait_is_told_the_model_is_busy(shared):
-    from emmet_core.workspace import ModelBusyError
+    from emmet_core.studio.workspace import ModelBusyError
 
     session = Session(shared)
     waited: list[bool] = []

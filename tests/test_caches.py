@@ -11,7 +11,7 @@ from conftest import tiny, tiny_hparams
 from emmet_core.cli import parse_sets
 from emmet_core.editor import Editor
 from emmet_core.errors import EditError, InvalidRequestError
-from emmet_core.probe import generate
+from emmet_core.readout import generate
 from emmet_core.request import EditRequest
 from emmet_core.value_cache import cached_values
 from emmet_core.values import ValueConfig, compute_values
@@ -118,7 +118,7 @@ def test_sampled_text_depends_on_prompt_and_seed_not_on_the_batch(tokenizers):
 def test_the_sampler_draws_exactly_from_softmax_over_the_top_k():
     """Gumbel noise on the top k logits, drawn up front per prompt: the token kept is a
     sample of softmax(top k), and nothing outside the top k is ever kept."""
-    from emmet_core.probe import _RowSeededTopK
+    from emmet_core.readout import _RowSeededTopK
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 5.0, -9.0]])
     rows = 6000

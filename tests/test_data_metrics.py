@@ -120,3 +120,48 @@ def test_mean_delta_norm_combines_layers_then_averages_chunks():
              {"chunk": 1, "delta_norms": {"4": 1.0}}, {"chunk": 2, "delta_norms": {}}]
     assert mean_delta_norm(lines) == pytest.approx(3.0)  # (5 + 1) / 2; the unedited chunk does not count
     assert mean_delta_norm([]) is None
+
+
+def test_the_library_and_cli_import_without_the_app_extras(tmp_path):
+    """`pip install emmet-studio` (no [app] extra) has no Streamlit or Plotly: the library
+    and the command line must import and run their help without them."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_app.py"
+    script.write_text(
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('plotly', 'streamlit', 'kaleido'):\n"
+        "            raise ImportError(f'{name} is not installed')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import emmet_core, emmet_core.editor, emmet_core.runner, emmet_core.cli, emmet_core.evaluate\n"
+        "from emmet_core.studio import workspace, workflows, anatomy\n"
+        "from emmet_core import Editor, load_model, score_targets\n"
+        "assert not any(m.split('.')[0] in ('plotly', 'streamlit') for m in sys.modules)\n"
+        "from emmet_core.cli import main\n"
+        "from emmet_core.errors import EditError\n"
+        "from emmet_core.plots import plot_batch_sizes\n"
+        "try:\n"
+        "    plot_batch_sizes([], None)\n"
+        "except EditError as exc:\n"
+        "    assert 'emmet-studio[app]' in str(exc), exc\n"
+        "else:\n"
+        "    raise AssertionError('plotting without Plotly did not say what to install')\n"
+        "sys.exit(main(['--help']))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert "usage: emmet" in done.stdout
+
+
+def test_the_extras_declare_what_the_app_needs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    core = text.split("dependencies = [", 1)[1].split("]", 1)[0]
+    app = re.search(r"^app = \[(.*)\]$", text, re.MULTILINE).group(1)
+    assert "streamlit" not in core and "plotly" not in core
+    assert "streamlit" in app and "plotly" in app
+    assert '"emmet_core.studio"' in text  # the app's sub-package ships too

@@ -18,15 +18,15 @@ import torch
 from conftest import CORPUS, FAMILIES, make_model, make_tokenizer, tiny, tiny_hparams
 
 from emmet_core import Editor, load_model
-from emmet_core.anatomy import picture, spectrum
 from emmet_core.data import EvalRecord
 from emmet_core.errors import UnsupportedModelError
 from emmet_core.evaluate import score_records
 from emmet_core.models import resolve_device
-from emmet_core.probe import generate, score_targets
+from emmet_core.readout import generate, score_targets
 from emmet_core.request import EditRequest
 from emmet_core.solvers import emmet_update, memit_update, rome_update, solve_spd
 from emmet_core.stats import compute_covariances
+from emmet_core.studio.anatomy import picture, spectrum
 from emmet_core.templates import context_templates
 from emmet_core.tokens import pad_rows
 

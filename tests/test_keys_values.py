@@ -9,7 +9,7 @@ from conftest import FAMILIES, tiny
 
 from emmet_core.errors import InvalidRequestError
 from emmet_core.keys import compute_keys, subject_rows
-from emmet_core.probe import score_targets
+from emmet_core.readout import score_targets
 from emmet_core.request import EditRequest
 from emmet_core.tokens import encode_with_subject, target_ids
 from emmet_core.values import ValueConfig, _bf16_matrices, compute_values

@@ -9,12 +9,12 @@ import random
 import streamlit as st
 
 from app_pages import common
-from emmet_core import figures
-from emmet_core.checks import BatchReport, run_batch
 from emmet_core.data import EvalRecord, load_dataset
 from emmet_core.errors import InvalidRequestError
-from emmet_core.uploads import MAX_BYTES, MAX_FACTS, REQUIRED, parse_upload
-from emmet_core.workspace import Session
+from emmet_core.studio import figures
+from emmet_core.studio.uploads import MAX_BYTES, MAX_FACTS, REQUIRED, parse_upload
+from emmet_core.studio.workflows import BatchReport, run_batch
+from emmet_core.studio.workspace import Session
 
 ALGORITHMS = {"emmet": "EMMET", "memit": "MEMIT"}
 UPLOAD, SAMPLE = "Upload a file", "Sample from CounterFact"

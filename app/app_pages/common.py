@@ -22,8 +22,8 @@ import streamlit as st
 from emmet_core.errors import EditError
 from emmet_core.models import ALIASES, DEFAULT_MODEL, load_model
 from emmet_core.request import EditRequest
-from emmet_core.suggest import RelationIndex, generic_paraphrases, suggest
-from emmet_core.workspace import Session, SharedModel
+from emmet_core.studio.suggest import RelationIndex, generic_paraphrases, suggest
+from emmet_core.studio.workspace import Session, SharedModel
 
 log = logging.getLogger("emmet_studio")
 

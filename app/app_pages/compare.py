@@ -4,12 +4,12 @@ weights, side by side. Nothing here is kept in the session."""
 import streamlit as st
 
 from app_pages import common
-from emmet_core import figures
-from emmet_core.checks import CompareRow, compare, parse_lines, parse_neighbours, record_for
 from emmet_core.data import EvalRecord
 from emmet_core.errors import InvalidRequestError
 from emmet_core.request import EditRequest
-from emmet_core.workspace import Session
+from emmet_core.studio import figures
+from emmet_core.studio.workflows import CompareRow, compare, parse_lines, parse_neighbours, record_for
+from emmet_core.studio.workspace import Session
 
 ALGORITHMS = {"rome": "ROME", "memit": "MEMIT", "emmet": "EMMET"}
 state = st.session_state

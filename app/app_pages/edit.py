@@ -5,12 +5,19 @@ import time
 import streamlit as st
 
 from app_pages import common
-from emmet_core import figures
-from emmet_core.checks import EditReport, FactChecks, edit_fact, format_neighbours, parse_lines, parse_neighbours
 from emmet_core.errors import EditError
 from emmet_core.hparams import parse_layers
 from emmet_core.request import EditRequest
-from emmet_core.workspace import ModelBusyError, Session
+from emmet_core.studio import figures
+from emmet_core.studio.workflows import (
+    EditReport,
+    FactChecks,
+    edit_fact,
+    format_neighbours,
+    parse_lines,
+    parse_neighbours,
+)
+from emmet_core.studio.workspace import ModelBusyError, Session
 
 ALGORITHMS = {"rome": "ROME", "memit": "MEMIT", "emmet": "EMMET"}
 state = st.session_state

@@ -6,7 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from app_pages import common
-from emmet_core.workspace import Session
+from emmet_core.studio.workspace import Session
 
 state = st.session_state
 

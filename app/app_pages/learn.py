@@ -4,9 +4,9 @@ pictures of this session's last edit."""
 import streamlit as st
 
 from app_pages import common
-from emmet_core import figures
-from emmet_core.anatomy import UpdatePicture, pictures, spectrum
-from emmet_core.workspace import EditRecord, Session
+from emmet_core.studio import figures
+from emmet_core.studio.anatomy import UpdatePicture, pictures, spectrum
+from emmet_core.studio.workspace import EditRecord, Session
 
 state = st.session_state
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .request import SUBJECT_SLOT, fill
+from ..request import SUBJECT_SLOT, fill
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
-from .data import BadRecordError, EvalRecord, parse_records
-from .errors import EditError
-from .request import EditRequest
+from ..data import BadRecordError, EvalRecord, parse_records
+from ..errors import EditError
+from ..request import EditRequest
 
 MAX_BYTES = 5 * 2**20
 MAX_FACTS = 1000

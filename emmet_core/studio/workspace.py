@@ -27,13 +27,13 @@ from uuid import uuid4
 
 import torch
 
-from .editor import Editor, EditResult, PhaseCallback, RequestLike, combined_norms
-from .errors import EditError, InvalidRequestError
-from .hparams import HParams
-from .ledger import Delta, Ledger, layers_of
-from .models import LoadedModel, export_dir
-from .probe import greedy_answer
-from .request import EditRequest
+from ..editor import Editor, EditResult, PhaseCallback, RequestLike, combined_norms
+from ..errors import EditError, InvalidRequestError
+from ..hparams import HParams
+from ..ledger import Delta, Ledger, layers_of
+from ..models import LoadedModel, export_dir
+from ..readout import greedy_answer
+from ..request import EditRequest
 
 T = TypeVar("T")
 Reader = Callable[[LoadedModel, list[EditRequest]], Any]

@@ -14,19 +14,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import metrics
-from .data import EvalRecord
-from .errors import EditError
-from .evaluate import score_records, summarise
-from .hparams import HParams
-from .models import LoadedModel
-from .probe import generate, greedy_answer, score_targets
-from .request import EditRequest
+from .. import metrics
+from ..data import EvalRecord
+from ..errors import EditError
+from ..evaluate import score_records, summarise
+from ..hparams import HParams
+from ..models import LoadedModel
+from ..readout import generate, greedy_answer, score_targets
+from ..request import EditRequest
 from .workspace import EditRecord, PhaseCallback, Session, SharedModel
 
 
 @dataclass(frozen=True)
-class Probe:
+class PromptScore:
     """One prompt read at one moment: how likely the new and the old object are."""
 
     prompt: str
@@ -42,12 +42,12 @@ class Probe:
         return self.nll_new < self.nll_true
 
 
-def probe(loaded: LoadedModel, prompts: list[str], new: list[str], true: list[str]) -> list[Probe]:
+def score_prompts(loaded: LoadedModel, prompts: list[str], new: list[str], true: list[str]) -> list[PromptScore]:
     """Score the new and the true object after each prompt."""
     if not prompts:
         return []
     scores_new, scores_true = score_targets(loaded, prompts, new), score_targets(loaded, prompts, true)
-    return [Probe(p, n, t, a.prob, b.prob, a.mean_nll, b.mean_nll)
+    return [PromptScore(p, n, t, a.prob, b.prob, a.mean_nll, b.mean_nll)
             for p, n, t, a, b in zip(prompts, new, true, scores_new, scores_true)]
 
 
@@ -55,9 +55,9 @@ def probe(loaded: LoadedModel, prompts: list[str], new: list[str], true: list[st
 class Reading:
     """Everything read from the model at one moment for one fact."""
 
-    rewrite: Probe
-    paraphrases: list[Probe]
-    neighbours: list[Probe]
+    rewrite: PromptScore
+    paraphrases: list[PromptScore]
+    neighbours: list[PromptScore]
     texts: list[str]  # sampled continuations of :attr:`FactChecks.generation_prompts`
     entropy: list[float]  # generation entropy of each text (REFERENCE §7, GE)
 
@@ -84,10 +84,12 @@ class FactChecks:
             for i, answer in zip(missing, answers):
                 self.neighbours[i] = (self.neighbours[i][0], answer or "?")
         new, true = request.target_new, request.target_true or ""
-        rewrite = probe(loaded, [request.text], [new], [true])[0]
-        paraphrases = probe(loaded, self.paraphrases, [new] * len(self.paraphrases), [true] * len(self.paraphrases))
+        rewrite = score_prompts(loaded, [request.text], [new], [true])[0]
+        count = len(self.paraphrases)
+        paraphrases = score_prompts(loaded, self.paraphrases, [new] * count, [true] * count)
         hood_prompts = [p for p, _ in self.neighbours]
-        neighbours = probe(loaded, hood_prompts, [new] * len(hood_prompts), [t or "" for _, t in self.neighbours])
+        neighbours = score_prompts(loaded, hood_prompts, [new] * len(hood_prompts),
+                                   [t or "" for _, t in self.neighbours])
         texts: list[str] = []
         if self.texts and self.gen_tokens:
             texts = generate(loaded, self.generation_prompts(request), self.gen_tokens, top_k=5, seed=self.seed)
@@ -185,9 +187,9 @@ def _score(loaded: LoadedModel, records: list[EvalRecord], gen_tokens: int) -> l
     return score_records(loaded, records, generation=gen_tokens > 0, gen_tokens=max(gen_tokens, 1))
 
 
-def _rewrite_probes(loaded: LoadedModel, records: list[EvalRecord]) -> list[Probe]:
+def _rewrite_probes(loaded: LoadedModel, records: list[EvalRecord]) -> list[PromptScore]:
     requests = [r.request for r in records]
-    return probe(loaded, [r.text for r in requests], [r.target_new for r in requests],
+    return score_prompts(loaded, [r.text for r in requests], [r.target_new for r in requests],
                  [r.target_true or "" for r in requests])
 
 
@@ -283,7 +285,7 @@ def compare(shared: SharedModel, records: list[EvalRecord], algorithms: Sequence
     base = Session(shared)
     step("unedited")
 
-    def read_unedited(loaded: LoadedModel) -> tuple[list[EvalRecord], list[dict[str, float]], list[Probe]]:
+    def read_unedited(loaded: LoadedModel) -> tuple[list[EvalRecord], list[dict[str, float]], list[PromptScore]]:
         prepared = shared.editor.prepare([r.request for r in records])
         resolved = resolve(loaded, records, prepared)
         return resolved, _score(loaded, resolved, gen_tokens), _rewrite_probes(loaded, resolved)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .editor import EditResult
+from ..editor import EditResult
 
 
 @dataclass

@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from .checks import CompareRow, Probe
+from .workflows import CompareRow, PromptScore
 
 NEW, OLD = "#e4572e", "#4c78a8"  # the new object, the old (true) object
 BEFORE, AFTER = "#b8c2cc", "#2a9d8f"
@@ -45,7 +45,7 @@ def _pct(p: float) -> str:
 
 
 # -- Edit page -----------------------------------------------------------------------------
-def prompt_chart(before: Probe, after: Probe) -> go.Figure:
+def prompt_chart(before: PromptScore, after: PromptScore) -> go.Figure:
     """P(new) and P(old) on the edited prompt, before and after."""
     fig = go.Figure()
     for name, colour, values in ((f"new: {before.new}", NEW, (before.p_new, after.p_new)),
@@ -56,7 +56,7 @@ def prompt_chart(before: Probe, after: Probe) -> go.Figure:
     return _layout(fig, "Probability on the prompt", barmode="group")
 
 
-def paraphrase_chart(before: Sequence[Probe], after: Sequence[Probe]) -> go.Figure:
+def paraphrase_chart(before: Sequence[PromptScore], after: Sequence[PromptScore]) -> go.Figure:
     """P(new) per paraphrase before and after; each title says pass (✓) or fail (✗)."""
     titles = [f"{'✓' if a.prefers_new else '✗'} {textwrap.shorten(a.prompt, 64, placeholder=' …')}  ·  after: "
               f"new {_pct(a.p_new)} {'>' if a.prefers_new else '<'} old {_pct(a.p_true)}" for a in after]
@@ -64,7 +64,7 @@ def paraphrase_chart(before: Sequence[Probe], after: Sequence[Probe]) -> go.Figu
         ("P(new) before", BEFORE, [b.p_new for b in before]), ("P(new) after", NEW, [a.p_new for a in after])])
 
 
-def neighbour_chart(before: Sequence[Probe], after: Sequence[Probe]) -> go.Figure:
+def neighbour_chart(before: Sequence[PromptScore], after: Sequence[PromptScore]) -> go.Figure:
     """P(true object) of each neighbour before and after: it should not move."""
     titles = [f"{textwrap.shorten(a.prompt, 64, placeholder=' …')} → {a.true}"
               + ("  ·  now prefers the new object" if a.prefers_new else "") for a in after]
