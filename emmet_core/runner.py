@@ -76,10 +76,9 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
     started = time.perf_counter()
     software = versions()  # read once: the code that runs, even if the checkout changes meanwhile
     prior = _prior_seconds(out) if done else 0.0  # time spent before an interruption
-    bar = tqdm(total=len(dataset.records), initial=len(done), unit="rec", desc=f"eval {config.algorithm}",
-               file=sys.stderr, disable=not progress)
     warmed = 0  # records whose v* are in the value cache already
-    with records_path.open("a", encoding="utf-8") as handle:
+    with tqdm(total=len(dataset.records), initial=len(done), unit="rec", desc=f"eval {config.algorithm}",
+              file=sys.stderr, disable=not progress) as bar, records_path.open("a", encoding="utf-8") as handle:
         for index, chunk in enumerate(chunks):
             first = index * config.batch_size
             if first + len(chunk) <= len(done):
@@ -109,7 +108,6 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
             if len(done) < len(dataset.records):
                 _write_summary(out, editor, dataset, config, hp, done, model_name,
                                prior + time.perf_counter() - started, software, complete=False)
-    bar.close()
     return _write_summary(out, editor, dataset, config, hp, done, model_name, prior + time.perf_counter() - started,
                           software, complete=True)
 

@@ -217,18 +217,18 @@ def compute_covariances(
                                device=adapter.device(layer)) for layer in layers}
     batch_size = batch_size or (64 if loaded.device.type == "cuda" else 16)
     seen = 0
-    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="covariance", file=sys.stderr, disable=not progress)
     sequences = token_sequences(loaded.tokenizer, corpus, n_tokens, min(seq_len, adapter.context_length() or seq_len))
-    for rows in _batches(sequences, batch_size):
-        ids = _to_device(rows, loaded.device)
-        with capture_inputs(modules) as captured, forward_precision(precision, loaded.device):
-            run_until(deepest, loaded.model, input_ids=ids, use_cache=False)
-        for layer, keys in captured.items():  # outside the precision block: sums at ``dtype``, never TF32
-            flat = keys.reshape(-1, keys.shape[-1]).to(sums[layer].device, dtype)
-            sums[layer].addmm_(flat.T, flat)
-        seen += ids.numel()
-        bar.update(ids.numel())
-    bar.close()
+    with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="covariance", file=sys.stderr,
+              disable=not progress) as bar:
+        for rows in _batches(sequences, batch_size):
+            ids = _to_device(rows, loaded.device)
+            with capture_inputs(modules) as captured, forward_precision(precision, loaded.device):
+                run_until(deepest, loaded.model, input_ids=ids, use_cache=False)
+            for layer, keys in captured.items():  # outside the precision block: sums at ``dtype``, never TF32
+                flat = keys.reshape(-1, keys.shape[-1]).to(sums[layer].device, dtype)
+                sums[layer].addmm_(flat.T, flat)
+            seen += ids.numel()
+            bar.update(ids.numel())
     if seen == 0:
         raise StatsCacheError(f"corpus {corpus!r} yielded no tokens")
     if seen < n_tokens:

@@ -116,6 +116,10 @@ def test_type_a_fact_apply_rome_and_see_the_charts(server, chromium):
             value = probability.get_by_test_id("stMetricValue").inner_text()
             assert value.endswith("%") and float(value[:-1]) > 50, value
             full_page_screenshot(page, ARTIFACTS / "edit-page-after-rome.png")
+        except Exception:  # keep what the page showed, for whoever reads the failure
+            full_page_screenshot(page, ARTIFACTS / "edit-page-failure.png")
+            (ARTIFACTS / "edit-page-failure.txt").write_text(page.inner_text("body"), encoding="utf-8")
+            raise
         finally:
             browser.close()
     assert (ARTIFACTS / "edit-page-after-rome.png").stat().st_size > 50_000

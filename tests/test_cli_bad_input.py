@@ -106,3 +106,27 @@ def test_bad_cli_input_is_one_line_and_exit_2(case, files, capsys, isolated_cach
     assert len(errors) == 1 and message in errors[0], err
     assert not any("Traceback" in line for line in err)
     assert not (files / "never").exists() and not (files / "corpus.txt").is_dir()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(files, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    corpus = tmp_path / "long.txt"
+    corpus.write_text("\n\n".join(CORPUS * 4000), encoding="utf-8")
+    env = {**os.environ, "EMMET_CACHE_DIR": str(tmp_path / "cache")}
+    process = subprocess.Popen([sys.executable, "-m", "emmet_core", "stats", "--model", str(files / "model"),
+                                "--device", "cpu", "--layers", "3", "--corpus", str(corpus), "--tokens", "5000000"],
+                               stderr=subprocess.PIPE, text=True, env=env)
+    seen = ""
+    deadline = time.monotonic() + 60
+    while "covariance" not in seen and time.monotonic() < deadline:  # the work has started
+        seen += process.stderr.read(1)
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=60)
+    lines = [line for line in (seen + rest).replace("\r", "\n").splitlines() if line.strip()]
+    assert process.returncode == 130
+    assert lines[-1].startswith("emmet: interrupted") and not any("Traceback" in line for line in lines)
