@@ -100,3 +100,65 @@ def memit_update(
     update = solve_spd(system, keys @ residuals.T, "λ C0 + K Kᵀ").T
     require_finite(update, "MEMIT update")
     return update
+
+
+def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """AlphaEdit's P = Û Ûᵀ over the eigenvectors of C0 whose eigenvalues are below
+    ``threshold``: the directions the preserved keys (almost) never take. An update Δ
+    with Δ = Δ P leaves every key in the kept subspace unchanged, Δ k = 0."""
+    cov = cov.detach().to(torch.float64)
+    require_finite(cov, "C0")
+    eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (cov + cov.T))
+    basis = eigenvectors[:, eigenvalues < threshold]
+    if basis.shape[1] == 0:
+        raise NumericalError(
+            f"no eigenvalue of C0 is below the null-space threshold {threshold:g} (smallest "
+            f"{float(eigenvalues[0]):.3g}): the projection would forbid every update; raise the threshold"
+        )
+    return basis @ basis.T
+
+
+def alphaedit_update(
+    residuals: torch.Tensor, keys: torch.Tensor, projector: torch.Tensor, prior: torch.Tensor | None = None,
+    l2: float = 10.0,
+) -> torch.Tensor:
+    """AlphaEdit: Δ = R K₁ᵀ P (K_p K_pᵀ P + K₁ K₁ᵀ P + α I)⁻¹.
+
+    ``projector`` is :func:`null_space_projector`'s P, ``prior`` the sum K_p K_pᵀ of the
+    keys of every earlier edit (None: none yet), ``l2`` the α of the reference code (the
+    paper writes I). Solved transposed, (P (K₁K₁ᵀ + K_pK_pᵀ) + α I) Δᵀ = P K₁ Rᵀ, whose
+    solution lies in the range of P, so Δ P = Δ: preserved keys stay where they were.
+    """
+    residuals, keys, projector = _f64(residuals, keys, projector)
+    gram = keys @ keys.T
+    if prior is not None:
+        gram = gram + prior.detach().to(torch.float64)
+    system = projector @ gram + l2 * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    require_finite(system, "P (K Kᵀ + K_p K_pᵀ) + α I")
+    update = torch.linalg.solve(system, projector @ keys @ residuals.T).T  # not symmetric: an LU solve
+    require_finite(update, "AlphaEdit update")
+    return update
+
+
+def encore_update(
+    residuals: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor, cov_weight: float, norm_weight: float,
+    accumulated: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ENCORE's solve: MEMIT's objective with a Frobenius-norm constraint on the total
+    change of the matrix since its original W₀,
+
+        min_Δ  λ tr(Δ C0 Δᵀ) + ‖Δ K − R‖² + μ ‖D + Δ‖²_F,   D = W − W₀ (earlier edits),
+
+    so Δ = (R Kᵀ − μ D)(λ C0 + K Kᵀ + μ I)⁻¹: every edit also pulls the matrix back towards
+    W₀, and the accumulated norm stops growing without bound. μ = 0 is MEMIT.
+    """
+    residuals, keys, cov = _f64(residuals, keys, cov)
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    system = cov_weight * cov + keys @ keys.T + norm_weight * eye
+    system = 0.5 * (system + system.T)
+    rhs = keys @ residuals.T  # (d_k, d): the transposed right-hand side
+    if accumulated is not None and norm_weight:
+        rhs = rhs - norm_weight * accumulated.detach().to(torch.float64).T
+    update = solve_spd(system, rhs, "λ C0 + K Kᵀ + μ I").T
+    require_finite(update, "ENCORE update")
+    return update

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from emmet_core.errors import NumericalError
-from emmet_core.solvers import emmet_update, memit_update, rome_update
+from emmet_core.solvers import (
+    alphaedit_update,
+    emmet_update,
+    encore_update,
+    memit_update,
+    null_space_projector,
+    rome_update,
+)
 
 
 def problem(d: int = 12, d_k: int = 20, n: int = 5, seed: int = 0):
@@ -104,3 +111,58 @@ def test_duplicate_keys_need_the_ridge():
         emmet_update(residuals, keys, cov, ridge=0.0)
     delta = emmet_update(residuals, keys, cov, ridge=1.0)
     assert torch.isfinite(delta).all()
+
+
+def low_rank_problem(d: int = 12, d_k: int = 20, n: int = 5, rank: int = 14, seed: int = 1):
+    """C0 from keys that live (mostly) in a rank-14 subspace: the rest is AlphaEdit's null space."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(d_k, d_k, generator=gen, dtype=torch.float64))[0]
+    scales = torch.cat([torch.linspace(5.0, 1.0, rank), torch.full((d_k - rank,), 1e-4)]).to(torch.float64)
+    cov = basis @ torch.diag(scales) @ basis.T
+    keys = torch.randn(d_k, n, generator=gen, dtype=torch.float64)
+    residuals = torch.randn(d, n, generator=gen, dtype=torch.float64)
+    return residuals, keys, cov, basis[:, :rank]
+
+
+def test_alphaedit_leaves_the_kept_subspace_unchanged():
+    residuals, keys, cov, kept = low_rank_problem()
+    projector = null_space_projector(cov, threshold=1e-2)
+    assert torch.allclose(projector @ projector, projector, atol=1e-10)  # a projection
+    assert round(float(projector.trace())) == 20 - 14
+    delta = alphaedit_update(residuals, keys, projector, l2=1e-6)
+    assert float((delta @ kept).norm()) < 1e-8 * float(delta.norm())  # Δ k = 0 for every kept direction
+    assert torch.allclose(delta @ projector, delta, atol=1e-10)
+    # Within the null space the edit is made: Δ (P K) reproduces R (P K)-wise, up to the small ridge.
+    fitted = delta @ keys
+    best = residuals @ torch.linalg.pinv(projector @ keys) @ (projector @ keys)
+    assert rel(fitted, best) < 1e-3
+
+
+def test_alphaedit_counts_earlier_edits_and_its_ridge_shrinks_the_update():
+    residuals, keys, cov, _ = low_rank_problem()
+    projector = null_space_projector(cov, threshold=1e-2)
+    earlier = torch.randn(20, 30, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    free = alphaedit_update(residuals, keys, projector, l2=1.0)
+    held = alphaedit_update(residuals, keys, projector, prior=earlier @ earlier.T, l2=1.0)
+    moved = [float((update @ projector @ earlier).norm()) for update in (held, free)]
+    assert moved[0] < moved[1]  # the keys of earlier edits move less
+    assert float(alphaedit_update(residuals, keys, projector, l2=100.0).norm()) < float(free.norm())
+    with pytest.raises(NumericalError, match="null-space threshold"):
+        null_space_projector(cov, threshold=1e-6)
+
+
+def test_encore_zeroes_the_gradient_of_its_objective():
+    residuals, keys, cov = problem(n=6)
+    lam, mu = 2.0, 3.0
+    accumulated = torch.randn(12, 20, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    delta = encore_update(residuals, keys, cov, lam, mu, accumulated).requires_grad_(True)
+    objective = (lam * torch.trace(delta @ cov @ delta.T) + ((delta @ keys - residuals) ** 2).sum()
+                 + mu * ((accumulated + delta) ** 2).sum())
+    (grad,) = torch.autograd.grad(objective, delta)
+    assert float(grad.norm()) < 1e-8 * float(residuals.norm() * keys.norm() + accumulated.norm())
+    # μ = 0 is MEMIT; a larger μ pulls the total change D + Δ towards zero
+    memit = memit_update(residuals, keys, cov, lam)
+    assert rel(encore_update(residuals, keys, cov, lam, 0.0, accumulated), memit) < 1e-10
+    totals = [float((accumulated + encore_update(residuals, keys, cov, lam, m, accumulated)).norm())
+              for m in (0.0, 1.0, 100.0)]
+    assert totals[0] > totals[1] > totals[2]
