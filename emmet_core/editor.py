@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,7 @@ from .ledger import Delta, Ledger
 from .models import LoadedModel
 from .readout import greedy_answer, score_targets
 from .request import EditRequest, check_conflicts, request_from
-from .solvers import emmet_update, memit_update, rome_update
+from .solvers import alphaedit_update, emmet_update, encore_update, memit_update, null_space_projector, rome_update
 from .stats import layer_covariances
 from .templates import context_templates
 from .tokens import target_ids
@@ -141,6 +141,7 @@ class Editor:
         self.on_phase = on_phase
         self._covs: dict[tuple, torch.Tensor] = {}  # C0 of the original weights, by layer and settings
         self._templates: dict[tuple, list[str]] = {}  # context templates, by recipe and seed
+        self._projectors: dict[tuple, torch.Tensor] = {}  # AlphaEdit's P, by layer, C0 and threshold
 
     # -- public API ------------------------------------------------------------------------
     def hparams(self, algorithm: str, **overrides: object) -> HParams:
@@ -167,11 +168,13 @@ class Editor:
     def compute(
         self, requests: Iterable[RequestLike], algorithm: str = "rome", hparams: HParams | None = None,
         refuse_current: bool = True, cache_values: bool = False, checked: bool = False,
-        on_phase: PhaseCallback | None = None, **overrides: object,
+        on_phase: PhaseCallback | None = None, previous: Sequence[EditResult] | None = None,
+        **overrides: object,
     ) -> EditResult:
         """The edit of ``requests`` on the model as it is now, as data; the weights are
         left exactly as they were. ``checked=True`` takes requests :meth:`prepare` already
-        returned. ``on_phase`` hears the phase names as they start."""
+        returned. ``on_phase`` hears the phase names as they start. ``previous``: the edits
+        the model holds now (default: this Editor's history), whose keys AlphaEdit keeps."""
         started = time.perf_counter()
         hp = hparams if hparams is not None else self.hparams(algorithm, **overrides)
         for layer in hp.layers:
@@ -191,7 +194,8 @@ class Editor:
             if hp.algorithm == "rome":
                 self._rome(batch, hp, covs, templates, result, timer, cache_ok)
             else:
-                self._memit_emmet(batch, hp, covs, templates, result, timer, cache_ok)
+                prior = self.history if previous is None else previous
+                self._batch(batch, hp, covs, templates, result, timer, cache_ok, prior)
             for layer in hp.layers:
                 if not bool(torch.isfinite(self.adapter.weight(layer)).all()):
                     raise NumericalError(f"layer {layer} has NaN/Inf after the update (dtype overflow?)")
@@ -360,8 +364,10 @@ class Editor:
             result.value_loss_before += values.loss_before.tolist()
             result.value_loss_after += values.loss_after.tolist()
 
-    def _memit_emmet(self, batch: list[EditRequest], hp: HParams, covs: dict[int, torch.Tensor],
-                     templates: list[str], result: EditResult, timer: _Timer, cached: bool) -> None:
+    def _batch(self, batch: list[EditRequest], hp: HParams, covs: dict[int, torch.Tensor], templates: list[str],
+               result: EditResult, timer: _Timer, cached: bool, previous: Sequence[EditResult]) -> None:
+        """MEMIT, EMMET, AlphaEdit and ENCORE: one batch of v* at the last edited layer, the
+        residual spread over the edited layers, each layer solved with what it sees now."""
         z_layer, site = self._value_site(hp)
         at_mlp = site == "mlp"
         with timer.phase("values"):
@@ -382,11 +388,30 @@ class Editor:
                 here = covs[layer].device
                 keys = keys.to(here)
                 residuals = (targets.to(here) - current.to(here)) / (len(hp.layers) - i)
-                if hp.algorithm == "memit":
-                    update = memit_update(residuals, keys, covs[layer], hp.mom2_update_weight)
-                else:
-                    ridge = hp.ridge if (len(batch) > 1 or hp.ridge_single) else 0.0
-                    update = emmet_update(residuals, keys, covs[layer], ridge)
+                update = self._solve(hp, layer, residuals, keys, covs[layer], len(batch), previous)
                 change = Delta.of(self.adapter, layer, update)
                 change.add_to(self.adapter)  # the next layer's keys see it; undone after the block
             result.updates.append(LayerUpdate(layer, keys.cpu(), residuals.cpu(), change))
+
+    def _solve(self, hp: HParams, layer: int, residuals: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor,
+               facts: int, previous: Sequence[EditResult]) -> torch.Tensor:
+        if hp.algorithm == "memit":
+            return memit_update(residuals, keys, cov, hp.mom2_update_weight)
+        if hp.algorithm == "emmet":
+            ridge = hp.ridge if (facts > 1 or hp.ridge_single) else 0.0
+            return emmet_update(residuals, keys, cov, ridge)
+        if hp.algorithm == "encore":  # pulled back towards W₀ by the total change of earlier edits
+            return encore_update(residuals, keys, cov, hp.mom2_update_weight, hp.encore_norm_weight,
+                                 self.ledger.drift(layer))
+        earlier = [u.keys for r in previous for u in r.updates if u.layer == layer]
+        prior = None
+        if earlier:
+            stacked = torch.cat(earlier, dim=1).to(keys.device, torch.float64)
+            prior = stacked @ stacked.T  # K_p K_pᵀ: the keys of every edit the model holds
+        return alphaedit_update(residuals, keys, self._projector(layer, hp, cov), prior, hp.alphaedit_l2)
+
+    def _projector(self, layer: int, hp: HParams, cov: torch.Tensor) -> torch.Tensor:
+        key = (layer, *hp.stats_settings, hp.nullspace_threshold)
+        if key not in self._projectors:
+            self._projectors[key] = null_space_projector(cov, hp.nullspace_threshold)
+        return self._projectors[key]

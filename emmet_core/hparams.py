@@ -20,7 +20,9 @@ from .values import ValueConfig
 
 log = logging.getLogger(__name__)
 
-ALGORITHMS = ("rome", "memit", "emmet")
+ALGORITHMS = ("rome", "memit", "emmet", "alphaedit", "encore")
+# How each editor is written for people (the app, figures, tables).
+EDITOR_NAMES = {"rome": "ROME", "memit": "MEMIT", "emmet": "EMMET", "alphaedit": "AlphaEdit", "encore": "ENCORE"}
 
 # Preset file per model; hub ids map by their lower-cased last path component.
 _PRESET_FILES = {
@@ -47,6 +49,10 @@ class HParams:
     mom2_update_weight: float = 1.0  # m: MEMIT's λ; EMMET's ridge is m·emmet_lambda
     emmet_lambda: float = 0.1
     ridge_single: bool = False  # add EMMET's ridge also when N = 1
+    nullspace_threshold: float = 2e-2  # AlphaEdit: C0's eigenvalues below it span the null space
+    alphaedit_l2: float = 10.0  # AlphaEdit: α of (P (K Kᵀ + K_p K_pᵀ) + α I)
+    encore_norm_weight: float = 1.0  # ENCORE: μ of the Frobenius-norm constraint on W − W₀
+    value_early_stop: str = "loss"  # or "most_probable" (ENCORE's MPES), for every editor
     rome_variant: str = "rebuilt"  # "rebuilt" (r-ROME, k̄ everywhere) or "original"
     context_templates: tuple[tuple[int, int], ...] = ((10, 5),)  # (tokens, count)
     value_precision: str = "float32"  # "tf32" (CUDA) or "bfloat16" (autocast, ≈2x on AMX CPUs): precision.py
@@ -80,7 +86,8 @@ class HParams:
     def values(self) -> ValueConfig:
         return ValueConfig(self.v_num_grad_steps, self.v_lr, self.v_weight_decay,
                            self.clamp_norm_factor, self.kl_factor, seed=self.seed,
-                           rows_per_pass=self.value_rows_per_pass, precision=self.value_precision)
+                           rows_per_pass=self.value_rows_per_pass, precision=self.value_precision,
+                           early_stop=self.value_early_stop)
 
     @property
     def stats_settings(self) -> tuple[str, int, str, str]:
@@ -136,6 +143,9 @@ _CHECKS = {
     "v_weight_decay": (float, lambda v: v >= 0), "clamp_norm_factor": (float, lambda v: v > 0),
     "kl_factor": (float, lambda v: v >= 0), "mom2_update_weight": (float, lambda v: v >= 0),
     "emmet_lambda": (float, lambda v: v >= 0), "ridge_single": (bool, lambda v: True),
+    "nullspace_threshold": (float, lambda v: v > 0), "alphaedit_l2": (float, lambda v: v > 0),
+    "encore_norm_weight": (float, lambda v: v >= 0),
+    "value_early_stop": (str, lambda v: v in ("loss", "most_probable")),
     "rome_variant": (str, lambda v: v in ("rebuilt", "original")),
     "value_precision": (str, lambda v: v in PRECISIONS), "stats_precision": (str, lambda v: v in PRECISIONS),
     "value_rows_per_pass": ((int, type(None)), lambda v: v is None or v >= 1), "seed": (int, lambda v: True),
@@ -146,6 +156,8 @@ _WANTED = {
     "v_num_grad_steps": "a whole number ≥ 1", "v_lr": "a number > 0", "v_weight_decay": "a number ≥ 0",
     "clamp_norm_factor": "a number > 0", "kl_factor": "a number ≥ 0", "mom2_update_weight": "a number ≥ 0",
     "emmet_lambda": "a number ≥ 0", "ridge_single": "true or false", "rome_variant": "rebuilt or original",
+    "nullspace_threshold": "a number > 0", "alphaedit_l2": "a number > 0", "encore_norm_weight": "a number ≥ 0",
+    "value_early_stop": "loss or most_probable",
     "value_precision": " or ".join(PRECISIONS), "stats_precision": " or ".join(PRECISIONS),
     "value_rows_per_pass": "a whole number ≥ 1 (or unset: sized automatically)", "seed": "a whole number",
     "stats_corpus": "wiki-offline, a file or hf:NAME", "stats_tokens": "a whole number ≥ 1",
@@ -178,11 +190,13 @@ def load_preset(model_name: str, algorithm: str, num_layers: int | None = None) 
 def generic_hparams(algorithm: str, num_layers: int) -> HParams:
     """Early-middle layers hold most factual associations in decoder LMs (ROME §2)."""
     last = max(0, round(num_layers * 0.2))
-    layers = (last,) if algorithm != "memit" else tuple(range(max(0, last - 4), last + 1))
+    spread = algorithm in ("memit", "alphaedit", "encore")  # one residual spread over several layers
+    layers = tuple(range(max(0, last - 4), last + 1)) if spread else (last,)
     recipe = ((5, 10), (10, 10)) if algorithm == "rome" else ((10, 5),)
     clamp = 4.0 if algorithm == "rome" else 0.75
+    early = "most_probable" if algorithm == "encore" else "loss"
     return HParams(algorithm=algorithm, layers=layers, context_templates=recipe, clamp_norm_factor=clamp,
-                   notes="generic fallback, not tuned for this model")
+                   value_early_stop=early, notes="generic fallback, not tuned for this model")
 
 
 def parse_layers(text: str) -> tuple[int, ...]:

@@ -83,6 +83,15 @@ class Ledger:
     def is_original(self) -> bool:
         return not self._applied
 
+    def drift(self, layer: int) -> torch.Tensor | None:
+        """W − W₀ of ``layer`` as a (d, d_k) float64 matrix: how far the weights are now from
+        the original (None while no delta has touched the layer)."""
+        if layer not in self._original:
+            return None
+        current = self.adapter.weight(layer).detach().to(torch.float64)
+        change = current - self._original[layer].to(current.device, torch.float64)
+        return change.T if self.adapter.transposed(layer) else change
+
     def keep(self, layers: Iterable[int]) -> None:
         """Remember the original weights of ``layers`` (a no-op for layers already kept;
         a layer no delta has touched yet is still original)."""

@@ -50,6 +50,9 @@ class ValueConfig:
     # 132 rows vs 3.2 at 352); on CUDA as many as fit the free memory.
     rows_per_pass: int | None = None
     precision: str = "float32"  # "tf32" (CUDA tensor cores) or "bfloat16" (autocast): see precision.py
+    # "loss": stop a fact when its loss is below stop_loss; "most_probable" (ENCORE's MPES):
+    # also as soon as each of its target tokens is the most probable one on every prompt.
+    early_stop: str = "loss"
 
 
 # The ValueResult fields that hold one row per fact (everything but ``steps``).
@@ -213,7 +216,8 @@ def _bf16_matrices(modules: list[torch.nn.Module]) -> Iterator[None]:
 
 
 def _losses(loaded: LoadedModel, batch: _Batch, n: int, cache, kl_init: torch.Tensor | None):
-    """Per-fact target NLL and KL(now ‖ init), plus the current KL log-probs."""
+    """Per-fact target NLL, KL(now ‖ init) and how many target tokens are not yet the most
+    probable one (over all the fact's prompts), plus the current KL log-probs."""
     adapter = loaded.adapter
     past = copy.deepcopy(cache) if cache is not None else None  # each step extends its own copy
     hidden, _ = adapter.run_body(batch.suffix_ids, batch.mask, batch.suffix_pos, past)
@@ -222,11 +226,13 @@ def _losses(loaded: LoadedModel, batch: _Batch, n: int, cache, kl_init: torch.Te
     at_logits = batch.on(logp.device)
     token_nll = -logp.gather(1, at_logits.tgt_id[:, None])[:, 0] * at_logits.tgt_weight
     nll = torch.zeros(n, dtype=token_nll.dtype, device=logp.device).index_add(0, at_logits.tgt_fact, token_nll)
+    wrong = (logp.detach().argmax(-1) != at_logits.tgt_id).to(token_nll.dtype)
+    misses = torch.zeros_like(nll).index_add(0, at_logits.tgt_fact, wrong)
     kl_logp = adapter.logits(hidden[at_hidden.kl_rows, 0]).float().log_softmax(-1)
     if kl_init is None:
-        return nll, torch.zeros_like(nll), kl_logp
+        return nll, torch.zeros_like(nll), misses, kl_logp
     kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)
-    return nll, kl, kl_logp
+    return nll, kl, misses, kl_logp
 
 
 def compute_values(
@@ -301,7 +307,7 @@ def _optimise(
         with torch.no_grad():  # δ-independent work, once: prefix cache, KL reference, lower-layer replay
             cache = _prefix_cache(loaded, batch)
             with capture_output(adapter.layers[max(upto - 1, 0)]) as low:
-                nll0, _, kl_init = _losses(loaded, batch, n, cache, None)
+                nll0, _, _, kl_init = _losses(loaded, batch, n, cache, None)
             require_finite(nll0, "the target loss")
         replay = reuse_lower_layers(adapter.layers, upto, low[0]) if upto > 0 else nullcontext()
         return _steps(loaded, batch, module, replay, cache, v_init, nll0, kl_init, config)
@@ -320,10 +326,12 @@ def _steps(loaded: LoadedModel, batch: _Batch, module: torch.nn.Module, replay, 
     debug = log.isEnabledFor(logging.DEBUG)  # reading the losses back waits for the device
     with replay, add_at_positions(module, rows, torch.zeros_like(rows), lambda: delta[fact]):
         for steps in range(config.steps + 1):  # the last pass only scores the final δ
-            nll, kl, _ = _losses(loaded, batch, n, cache, kl_init)
+            nll, kl, misses, _ = _losses(loaded, batch, n, cache, kl_init)
             decay = config.weight_decay * delta.norm(dim=1) / v_init.norm(dim=1) ** 2
             loss = (nll + config.kl_factor * kl).to(delta.device) + decay
             active &= loss.detach() >= config.stop_loss
+            if config.early_stop == "most_probable":  # ENCORE's MPES: the target leads on every prompt
+                active &= misses.to(delta.device) > 0
             if debug:
                 log.debug("step %d loss %s", steps, loss.detach().tolist())
             if steps == config.steps or not active.any():  # the one read-back a step needs

@@ -24,7 +24,15 @@ from emmet_core.evaluate import score_records
 from emmet_core.models import resolve_device
 from emmet_core.readout import generate, score_targets
 from emmet_core.request import EditRequest
-from emmet_core.solvers import emmet_update, memit_update, rome_update, solve_spd
+from emmet_core.solvers import (
+    alphaedit_update,
+    emmet_update,
+    encore_update,
+    memit_update,
+    null_space_projector,
+    rome_update,
+    solve_spd,
+)
 from emmet_core.stats import compute_covariances
 from emmet_core.studio.anatomy import picture, spectrum
 from emmet_core.templates import context_templates
@@ -63,7 +71,11 @@ def test_the_meta_default_catches_a_tensor_made_without_a_device(meta_default):
 
 def test_solvers_make_every_tensor_beside_their_inputs(meta_default):
     residuals, keys, cov = cpu_problem()
+    projector = null_space_projector(cov, threshold=float(torch.linalg.eigvalsh(cov)[4]))
+    drift = torch.ones(residuals.shape[0], cov.shape[0], dtype=torch.float64, device="cpu")
     for update in (emmet_update(residuals, keys, cov, ridge=0.1), emmet_update(residuals, keys, cov),
+                   alphaedit_update(residuals, keys, projector, keys @ keys.T, 10.0),
+                   encore_update(residuals, keys, cov, 2.0, 1.0, drift), projector,
                    memit_update(residuals, keys, cov, 2.0), rome_update(residuals[:, 0], keys[:, 0], cov),
                    rome_update(residuals[:, 0], keys[:, 0], cov, constraint_key=keys[:, 1]),
                    solve_spd(cov, keys, "C0")):
@@ -88,8 +100,8 @@ def test_the_whole_pipeline_makes_every_tensor_beside_the_model(family, tokenize
     request = EditRequest(**FACTS[0])
     record = EvalRecord("0", request, ["Danielle Darrieux speaks"], ["Michel Rocard speaks"], ["French"],
                         ["Danielle Darrieux is"])
-    settings = {algorithm: tiny_hparams(editor, algorithm, corpus_file)
-                for algorithm in ("rome", "memit", "emmet")}
+    settings = {algorithm: tiny_hparams(editor, algorithm, corpus_file, nullspace_threshold=1e6)
+                for algorithm in ("rome", "memit", "emmet", "alphaedit", "encore")}
     torch.set_default_device("meta")
     try:
         covs, _ = compute_covariances(loaded, [1, 2], str(corpus_file), n_tokens=600, progress=False)

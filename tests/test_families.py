@@ -136,3 +136,25 @@ def test_original_rome_enforces_the_plain_prompt_key(device, tokenizers, isolate
     target = update.residuals.to(moved_plain)
     assert (moved_plain - target).norm() / target.norm() < 1e-4
     assert (moved_mean - target).norm() / target.norm() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("algorithm", ["alphaedit", "encore"])
+def test_lifelong_editors_edit_in_sequence_and_undo_exactly(family, algorithm, device, tokenizers, isolated_cache,
+                                                             corpus_file):
+    """AlphaEdit keeps the keys of earlier edits (from the Editor's history) and ENCORE the
+    distance from W₀ (from the ledger); both edit, in sequence, and undo bit for bit."""
+    loaded = tiny(family, tokenizers, device)
+    editor = Editor(loaded)
+    saved = weights_of(loaded.model)
+    layers = (2,) if loaded.adapter.spec.post_mlp_norm else (1, 2)
+    # A threshold above most of a tiny C0's spectrum: the null space is most of the space.
+    hp = tiny_hparams(editor, algorithm, corpus_file, layers=layers, nullspace_threshold=1e6)
+    first = editor.apply(FACTS[:2], hparams=hp, refuse_current=False)
+    second = editor.apply(FACTS[2:], hparams=hp, refuse_current=False)
+    assert all(n > 0 for n in first.norms.values()) and all(n > 0 for n in second.norms.values())
+    if algorithm == "encore":  # the second solve saw the drift the first one made
+        assert editor.ledger.drift(2) is not None
+    editor.undo()
+    editor.undo()
+    assert same_weights(loaded.model, saved)

@@ -136,3 +136,21 @@ def test_gemma3_alias_loads_offline():
     assert gemma.adapter.model_type == "gemma3_text" and gemma.adapter.num_layers == 18
     assert gemma.adapter.key_size(0) == 2048 and gemma.adapter.hidden_size() == 640
     assert "French" in generate(gemma, [PROMPT.format(SUBJECT)], max_new_tokens=5)[0]
+
+
+def test_most_probable_early_stop_ends_when_the_target_leads_everywhere(smollm):
+    """ENCORE's MPES on the real model: a fact stops as soon as each target token is the
+    most probable one on all its prompts, long before the loss threshold would stop it."""
+    from emmet_core.request import EditRequest
+    from emmet_core.templates import context_templates
+    from emmet_core.values import ValueConfig, compute_values
+
+    requests = [EditRequest(PROMPT, SUBJECT, "English", "French")]
+    templates = context_templates(smollm, [[10, 5]], seed=0)
+    common = dict(steps=25, stop_loss=0.0, precision="bfloat16")
+    full = compute_values(smollm, requests, templates, 4, "residual", ValueConfig(**common))
+    mpes = ValueConfig(**common, early_stop="most_probable")
+    early = compute_values(smollm, requests, templates, 4, "residual", mpes)
+    assert full.steps == 25 and 0 < early.steps < 25
+    assert early.nll_after[0] > full.nll_after[0]  # stopped before driving the loss further down
+    assert early.nll_after[0] < 0.7 * early.loss_before[0]  # but after the target took the lead

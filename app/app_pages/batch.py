@@ -11,12 +11,13 @@ import streamlit as st
 from app_pages import common
 from emmet_core.data import EvalRecord, load_dataset
 from emmet_core.errors import InvalidRequestError
+from emmet_core.hparams import EDITOR_NAMES
 from emmet_core.studio import figures
 from emmet_core.studio.uploads import MAX_BYTES, MAX_FACTS, REQUIRED, parse_upload
 from emmet_core.studio.workflows import BatchReport, run_batch
 from emmet_core.studio.workspace import Session
 
-ALGORITHMS = {"emmet": "EMMET", "memit": "MEMIT"}
+ALGORITHMS = {k: v for k, v in EDITOR_NAMES.items() if k != "rome"}  # batches: not ROME
 UPLOAD, SAMPLE = "Upload a file", "Sample from CounterFact"
 TEMPLATE = ("subject,prompt,target_new,target_true,paraphrase,neighbour_prompt,neighbour_target\n"
             "Danielle Darrieux,The mother tongue of {} is,English,French,Danielle Darrieux is a native speaker of,"

@@ -6,12 +6,13 @@ import streamlit as st
 from app_pages import common
 from emmet_core.data import EvalRecord
 from emmet_core.errors import InvalidRequestError
+from emmet_core.hparams import EDITOR_NAMES
 from emmet_core.request import EditRequest
 from emmet_core.studio import figures
 from emmet_core.studio.workflows import CompareRow, compare, parse_lines, parse_neighbours, record_for
 from emmet_core.studio.workspace import Session
 
-ALGORITHMS = {"rome": "ROME", "memit": "MEMIT", "emmet": "EMMET"}
+ALGORITHMS = EDITOR_NAMES
 state = st.session_state
 EDIT_PAGE = "The fact on the Edit page"
 
@@ -102,7 +103,7 @@ default = [label for label in choices if label.startswith(EDIT_PAGE)][:1] or lis
 picked = st.multiselect("Facts", list(choices), default=default, key="compare_facts",
                         help="Several facts are edited together (ROME: one after the other).")
 left, right = st.columns([2, 1])
-algorithms = left.pills("Editors", list(ALGORITHMS), default=list(ALGORITHMS), selection_mode="multi",
+algorithms = left.pills("Editors", list(ALGORITHMS), default=["rome", "memit", "emmet"], selection_mode="multi",
                         format_func=ALGORITHMS.get, key="compare_algorithms")
 gen_tokens = right.number_input("Generated tokens per text (GE)", 0, 200, 40, step=10, key="compare_gen_tokens",
                                 help="0 skips generation (and GE).")

@@ -6,7 +6,7 @@ import streamlit as st
 
 from app_pages import common
 from emmet_core.errors import EditError
-from emmet_core.hparams import parse_layers
+from emmet_core.hparams import EDITOR_NAMES, parse_layers
 from emmet_core.request import EditRequest
 from emmet_core.studio import figures
 from emmet_core.studio.workflows import (
@@ -19,7 +19,7 @@ from emmet_core.studio.workflows import (
 )
 from emmet_core.studio.workspace import ModelBusyError, Session
 
-ALGORITHMS = {"rome": "ROME", "memit": "MEMIT", "emmet": "EMMET"}
+ALGORITHMS = EDITOR_NAMES
 state = st.session_state
 
 
@@ -125,6 +125,14 @@ def advanced(session: Session, algorithm: str) -> dict:
         if algorithm == "emmet":
             values["emmet_lambda"] = fourth.number_input("EMMET λ (ridge = m·λ)", 0.0, 100.0, preset.emmet_lambda,
                                                          format="%.3f", key=prefix + "lambda")
+        if algorithm == "alphaedit":
+            values["nullspace_threshold"] = fourth.number_input(
+                "Null-space threshold", 1e-6, 100.0, preset.nullspace_threshold, format="%.4f", key=prefix + "null",
+                help="Directions of C0 with eigenvalues below it form the null space the update is projected on.")
+        if algorithm == "encore":
+            values["encore_norm_weight"] = fourth.number_input(
+                "Norm weight μ", 0.0, 1e6, preset.encore_norm_weight, format="%.3f", key=prefix + "mu",
+                help="Pulls the matrix back towards its original: μ‖W − W₀‖² in the objective.")
         if algorithm == "rome":
             values["rome_variant"] = third.selectbox("ROME variant", ["rebuilt", "original"],
                                                      index=["rebuilt", "original"].index(preset.rome_variant),

@@ -18,7 +18,8 @@ from .workflows import CompareRow, PromptScore
 
 NEW, OLD = "#e4572e", "#4c78a8"  # the new object, the old (true) object
 BEFORE, AFTER = "#b8c2cc", "#2a9d8f"
-ALGORITHM_COLOURS = {"unedited": "#9aa5b1", "rome": "#2ca02c", "memit": "#1f77b4", "emmet": "#d62728"}
+ALGORITHM_COLOURS = {"unedited": "#9aa5b1", "rome": "#2ca02c", "memit": "#1f77b4", "emmet": "#d62728",
+                     "alphaedit": "#9467bd", "encore": "#ff7f0e"}
 PHASES = ("prepare", "stats", "templates", "keys", "values", "solve")
 SCORES = ("ES", "PS", "NS", "S")
 

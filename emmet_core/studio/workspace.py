@@ -216,8 +216,9 @@ class Session:
             size = chunk_size or len(prepared)
             results = []
             for first in range(0, len(prepared), size):  # each chunk sees the ones before it
+                held = [r for record in self.records for r in record.results] + results  # what the model holds
                 result = editor.compute(prepared[first : first + size], hparams=hp, checked=True,
-                                        cache_values=cache_values, on_phase=on_phase)
+                                        cache_values=cache_values, on_phase=on_phase, previous=held)
                 shared.ledger.push(result.deltas)
                 results.append(result)
                 if on_chunk is not None:
