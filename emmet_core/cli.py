@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--offset", type=int, default=0, help="skip the first K records")
     ev.add_argument("--batch-size", type=int, default=1, help="records applied as one batch")
     ev.add_argument("--sequential", action="store_true", help="never restore the weights between batches")
+    ev.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
+                    help="lifelong runs (--sequential): measure the model every K edits into curves.jsonl")
+    ev.add_argument("--retention", type=int, default=200, help="edited facts re-scored at each checkpoint")
+    ev.add_argument("--heldout", type=int, default=100,
+                    help="facts of the data file outside the run, watched at each checkpoint")
+    ev.add_argument("--documents", type=int, default=50, help="held-out corpus documents for perplexity")
     ev.add_argument("--generation-every", type=int, default=1, help="generation entropy on every G-th record")
     ev.add_argument("--gen-tokens", type=int, default=100, help="tokens generated per prompt for GE")
     ev.add_argument("--seed", type=int, default=0)
@@ -317,8 +323,12 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
     for value, low, flag in ((args.n, 1, "--n"), (args.offset, 0, "--offset"), (args.batch_size, 1, "--batch-size"),
                              (args.generation_every, 1, "--generation-every"), (args.gen_tokens, 1, "--gen-tokens"),
-                             (args.tokens, 1, "--tokens")):
+                             (args.tokens, 1, "--tokens"), (args.checkpoint_every, 1, "--checkpoint-every"),
+                             (args.retention, 1, "--retention"), (args.heldout, 0, "--heldout"),
+                             (args.documents, 0, "--documents")):
         at_least(value, low, flag)
+    if args.checkpoint_every and not args.sequential:
+        raise EditError("--checkpoint-every measures a lifelong run: add --sequential")
     given = overrides(args, {"layers": parse_layers(args.layers), "stats_corpus": args.corpus,
                              "stats_tokens": args.tokens, "seed": args.seed})
     _preset_check(args, given)
@@ -326,15 +336,19 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     if args.corpus:
         check_corpus(args.corpus)
     dataset = load_dataset(args.data, skip_bad=args.skip_bad)
-    end = None if args.n is None else args.offset + args.n
+    end = len(dataset.records) if args.n is None else args.offset + args.n
+    # Facts the run never edits (after its range, then before it), watched at checkpoints.
+    outside = dataset.records[end:] + dataset.records[: args.offset]
+    heldout = outside[: args.heldout] if args.checkpoint_every else []
     dataset.records = dataset.records[args.offset : end]
     if not dataset.records:
         raise EditError(f"no records left after --offset {args.offset} --n {args.n}")
     out = writable_dir(args.out, "--out")
     loaded = load(args)
     config = EvalConfig(args.algo, args.batch_size, args.sequential, args.generation_every, args.gen_tokens,
-                        args.seed, given, data=args.data, offset=args.offset)
-    summary = run_eval(Editor(loaded), dataset, config, out, args.model)
+                        args.seed, given, data=args.data, offset=args.offset, checkpoint_every=args.checkpoint_every,
+                        retention=args.retention, heldout=len(heldout), documents=args.documents)
+    summary = run_eval(Editor(loaded), dataset, config, out, args.model, heldout=heldout)
     pre, post = summary["pre"], summary["post"]
     for name in post:
         print(f"{name:>3}  {pre.get(name, float('nan')):7.2f} -> {post[name]:7.2f}")

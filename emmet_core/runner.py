@@ -21,6 +21,7 @@ from .diskcache import digest, read_json, write_json
 from .editor import Editor, EditResult, combined_norms
 from .errors import EditError
 from .evaluate import score_records, summarise
+from .lifelong import Watch, heldout_documents, measure, retention_sample
 from .metrics import mean_delta_norm
 from .models import cache_dir
 from .provenance import versions
@@ -43,6 +44,11 @@ class EvalConfig:
     overrides: dict = field(default_factory=dict)  # hyper-parameter overrides
     data: str | None = None  # where the records came from, and from which one on (recorded)
     offset: int = 0
+    # Lifelong runs (sequential): measure the model every K edits (lifelong.py) into curves.jsonl.
+    checkpoint_every: int | None = None
+    retention: int = 200  # facts of the run re-scored at each checkpoint (a fixed, even sample)
+    heldout: int = 100  # untouched facts watched at each checkpoint (given to run_eval)
+    documents: int = 50  # held-out corpus documents for perplexity
 
 
 def _done_ids(path: Path) -> list[dict]:
@@ -58,8 +64,9 @@ def _done_ids(path: Path) -> list[dict]:
 
 
 def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, model_name: str,
-             progress: bool = True) -> dict:
-    """Run (or resume) the evaluation; return the summary also written to ``out``."""
+             progress: bool = True, heldout: list[EvalRecord] | None = None) -> dict:
+    """Run (or resume) the evaluation; return the summary also written to ``out``.
+    ``heldout``: facts a lifelong run never edits, watched at its checkpoints."""
     out.mkdir(parents=True, exist_ok=True)
     records_path = out / "records.jsonl"
     done = _done_ids(records_path)
@@ -73,6 +80,7 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
     editor.check(hp, [r.request for r in dataset.records], batch_size=config.batch_size)
     records_path.write_text("".join(json.dumps(line) + "\n" for line in done), encoding="utf-8")
     chunks = [dataset.records[i : i + config.batch_size] for i in range(0, len(dataset.records), config.batch_size)]
+    curves = _Curves(out, editor, dataset, config, hp, heldout or [], len(done)) if config.checkpoint_every else None
     started = time.perf_counter()
     software = versions()  # read once: the code that runs, even if the checkout changes meanwhile
     prior = _prior_seconds(out) if done else 0.0  # time spent before an interruption
@@ -104,12 +112,50 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
             handle.flush()
             if not config.sequential:
                 editor.reset()
+            if curves is not None:
+                curves.after(len(done), post, prior + time.perf_counter() - started)
             bar.update(len(chunk))
             if len(done) < len(dataset.records):
                 _write_summary(out, editor, dataset, config, hp, done, model_name,
                                prior + time.perf_counter() - started, software, complete=False)
     return _write_summary(out, editor, dataset, config, hp, done, model_name, prior + time.perf_counter() - started,
                           software, complete=True)
+
+
+class _Curves:
+    """The checkpoints of a lifelong run, one JSON line each in ``curves.jsonl`` (kept on
+    resume: a line is written only once the edits it measures are in ``records.jsonl``)."""
+
+    def __init__(self, out: Path, editor: Editor, dataset: Dataset, config: EvalConfig, hp, heldout: list,
+                 done: int) -> None:
+        if not config.sequential:
+            raise EditError("--checkpoint-every measures a lifelong run: add --sequential")
+        self.path, self.editor, self.kind = out / "curves.jsonl", editor, dataset.kind
+        self.every = config.checkpoint_every
+        self.total, self.layers = len(dataset.records), list(hp.layers)
+        adapter = editor.loaded.adapter  # the model is still the original: a resume replays later
+        self.watch = Watch(retention_sample(dataset.records, config.retention), heldout,
+                           heldout_documents(hp.stats_corpus, config.documents, hp.stats_tokens,
+                                             editor.loaded.tokenizer) if config.documents else [],
+                           gen_tokens=config.gen_tokens, seed=config.seed,
+                           weight_norms={layer: float(adapter.weight(layer).float().norm()) for layer in hp.layers})
+        lines = [line for line in _done_ids(self.path) if line.get("edits", 0) <= done]
+        self.path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+        self.last = lines[-1]["edits"] if lines else None
+        if self.last is None:  # the unedited model: the curves' starting point
+            self._write(0, None, 0.0)
+
+    def after(self, edited: int, newest: list[dict], seconds: float) -> None:
+        if edited // self.every > (self.last or 0) // self.every or edited == self.total:
+            self._write(edited, newest, seconds)
+
+    def _write(self, edited: int, newest: list[dict] | None, seconds: float) -> None:
+        started = time.perf_counter()
+        line = measure(self.editor, self.watch, edited, newest, self.kind, self.layers)
+        line.update(seconds=seconds, checkpoint_seconds=time.perf_counter() - started)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
+        self.last = edited
 
 
 def _warm(editor: Editor, requests: list, hp, progress: bool) -> None:
@@ -193,4 +239,4 @@ def _config_key(config: EvalConfig, editor: Editor, dataset: Dataset) -> dict:
     records = [[r.case_id, vars(r.request)] for r in dataset.records]
     return {"algorithm": config.algorithm, "batch_size": config.batch_size, "sequential": config.sequential,
             "seed": config.seed, "overrides": config.overrides, "model": editor.loaded.fingerprint,
-            "records": digest(records)}
+            "records": digest(records), "checkpoint_every": config.checkpoint_every}

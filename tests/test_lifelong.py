@@ -1,0 +1,84 @@
+"""Lifelong runs (emmet eval --sequential --checkpoint-every K) on a tiny model: curves at
+every checkpoint, what they measure, and a resume that keeps them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny
+
+from emmet_core import Editor
+from emmet_core.data import Dataset, EvalRecord
+from emmet_core.errors import EditError
+from emmet_core.lifelong import perplexity
+from emmet_core.request import EditRequest
+from emmet_core.runner import EvalConfig, run_eval
+
+FACTS = [EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English", "French"),
+         EditRequest("{} is the capital of", "Berlin", "Italy", "Germany"),
+         EditRequest("{} plays the", "Miles Davis", "violin", "trumpet"),
+         EditRequest("{} was created by", "Apple Watch", "Microsoft", "Apple"),
+         EditRequest("{} is a native speaker of", "Michel Rocard", "German", "French"),
+         EditRequest("{} is located in", "The Eiffel Tower", "Rome", "Paris"),
+         EditRequest("{} speaks", "Toko Yasuda", "Spanish", "Japanese"),
+         EditRequest("{} was developed by", "Windows", "Google", "Microsoft")]
+
+
+def records(requests):
+    return [EvalRecord(i, r, [r.text.replace(" is", " was", 1)], [f"{r.subject} lives in"], [r.target_true],
+                       [r.text]) for i, r in enumerate(requests)]
+
+
+@pytest.mark.parametrize("algorithm", ["emmet", "alphaedit", "encore"])
+def test_checkpoints_measure_the_run_and_survive_a_resume(algorithm, tokenizers, isolated_cache, corpus_file,
+                                                          tmp_path):
+    loaded = tiny("llama", tokenizers)
+    overrides = {"layers": [1, 2], "v_num_grad_steps": 4, "context_templates": [[3, 2]],
+                 "stats_corpus": str(corpus_file), "stats_tokens": 500, "nullspace_threshold": 1e6}
+    run, held = records(FACTS[:6]), records(FACTS[6:])
+    config = EvalConfig(algorithm, batch_size=2, sequential=True, gen_tokens=4, overrides=overrides,
+                        checkpoint_every=2, retention=4, heldout=2, documents=5)
+    out = tmp_path / "run"
+    summary = run_eval(Editor(loaded), Dataset("tiny", "counterfact", run), config, out, "tiny", progress=False,
+                       heldout=held)
+    assert summary["complete"] and summary["n"] == 6
+    lines = [json.loads(x) for x in (out / "curves.jsonl").read_text().splitlines()]
+    assert [line["edits"] for line in lines] == [0, 2, 4, 6]
+    first, last = lines[0], lines[-1]
+    assert first["retention_n"] == 0 and first["delta_norms"] == {"1": 0.0, "2": 0.0}
+    assert last["retention_n"] == 3 and set(last["retention"]) >= {"ES", "PS", "NS", "S"}  # positions 0, 2, 4
+    assert last["delta_norms"]["2"] > 0 and last["weight_norms"]["2"] > 0 and last["newest"]["ES"] >= 0
+    for line in lines:
+        assert line["perplexity"] > 1 and line["GE"] >= 0 and 0 <= line["heldout_kept"] <= 100
+        assert isinstance(line["text"], str) and line["seconds"] >= 0
+    # Interrupted after the second chunk: records and curves are kept, the rest is redone.
+    (out / "records.jsonl").write_text("".join(x + "\n" for x in (out / "records.jsonl").read_text().splitlines()[:4]))
+    (out / "curves.jsonl").write_text("".join(x + "\n" for x in (out / "curves.jsonl").read_text().splitlines()[:3]))
+    again = run_eval(Editor(tiny("llama", tokenizers)), Dataset("tiny", "counterfact", run), config, out, "tiny",
+                     progress=False, heldout=held)
+    resumed = [json.loads(x) for x in (out / "curves.jsonl").read_text().splitlines()]
+    assert [line["edits"] for line in resumed] == [0, 2, 4, 6] and resumed[:3] == lines[:3]
+    assert again["n"] == 6
+
+
+def test_checkpoints_need_a_sequential_run(tokenizers, isolated_cache, corpus_file, tmp_path):
+    config = EvalConfig("emmet", batch_size=2, checkpoint_every=2,
+                        overrides={"stats_corpus": str(corpus_file), "stats_tokens": 500, "layers": [2]})
+    with pytest.raises(EditError, match="--sequential"):
+        run_eval(Editor(tiny("llama", tokenizers)), Dataset("tiny", "counterfact", records(FACTS[:2])), config,
+                 tmp_path / "x", "tiny", progress=False)
+
+
+def test_perplexity_is_exp_of_the_mean_token_nll(tokenizers):
+    import math
+
+    import torch
+
+    loaded = tiny("gpt2", tokenizers)
+    text = "Berlin is the capital of Germany and Rome is the capital of Italy."
+    ids = torch.tensor([loaded.tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        logp = loaded.model(ids).logits[0, :-1].float().log_softmax(-1)
+    expected = math.exp(float(-logp.gather(1, ids[0, 1:, None]).mean()))
+    assert perplexity(loaded, [text]) == pytest.approx(expected, rel=1e-4)
