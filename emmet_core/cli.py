@@ -305,11 +305,14 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from .data import load_dataset
 
     if args.plot:
-        from .plots import plot_batch_sizes, results_table
+        from .plots import curves_table, plot_batch_sizes, plot_curves, results_table
 
         out = Path(args.out or args.plot[0])
-        paths = plot_batch_sizes([Path(p) for p in args.plot], out)
-        table = results_table([Path(p) for p in args.plot])
+        directories = [Path(p) for p in args.plot]
+        lifelong = [d for d in directories if (d / "curves.jsonl").is_file()]
+        rest = [d for d in directories if d not in lifelong]
+        paths = (plot_curves(lifelong, out) if lifelong else []) + (plot_batch_sizes(rest, out) if rest else [])
+        table = results_table(directories) + (f"\n{curves_table(lifelong)}" if lifelong else "")
         (out / "table.md").write_text(table, encoding="utf-8")
         print(table)
         for path in [*paths, out / "table.md"]:

@@ -55,20 +55,105 @@ def results_table(directories: list[Path]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def curves_table(directories: list[Path]) -> str:
+    """Lifelong runs at their first and last checkpoint: retention, held-out facts, GE,
+    perplexity and the total drift of the edited matrices."""
+    head = ("| run | edits | retention ES | PS | NS | S | held-out kept | GE | perplexity | ‖W − W₀‖ | wall time |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+    def number(value: float | None, digits: int = 1) -> str:
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    rows = []
+    for summary, lines in load_curves(directories):
+        for line in (lines[0], lines[-1]) if len(lines) > 1 else lines:
+            kept = line["retention"]
+            drift = sum(v * v for v in line["delta_norms"].values()) ** 0.5
+            name = "unedited" if line["edits"] == 0 else f"{summary['algorithm'].upper()} b{summary['batch_size']}"
+            scores = " | ".join(number(kept.get(k)) for k in ("ES", "PS", "NS", "S"))
+            rows.append(f"| {name} | {line['edits']} | {scores} | {number(line.get('heldout_kept'))} | "
+                        f"{number(line.get('GE'), 2)} | {number(line.get('perplexity'), 2)} | {number(drift)} | "
+                        f"{_duration(line.get('seconds', 0))} |")
+    return head + "\n".join(rows) + "\n"
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
-def plot_batch_sizes(directories: list[Path], out: Path) -> list[Path]:
-    """One panel per metric, one line per algorithm, batch size on a log axis; the
-    unedited model's value as a dotted line. Writes HTML, and PNG if kaleido works."""
+def _plotly():
     try:
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
     except ImportError:
         raise EditError("plotting needs Plotly: pip install 'emmet-studio[app]'") from None
+    return go, make_subplots
 
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    """HTML always, PNG if kaleido can draw it."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / f"{name}.html"]
+    fig.write_html(written[0], include_plotlyjs=True)
+    try:
+        fig.write_image(out / f"{name}.png", scale=1)
+        written.append(out / f"{name}.png")
+    except Exception as exc:  # kaleido missing or without a browser: HTML only
+        log.warning("PNG export unavailable (%s); wrote HTML only", exc)
+    return written
+
+
+# The panels of a lifelong run: (title, how to read the value off one curves.jsonl line).
+CURVE_PANELS = (
+    ("retention S", lambda c: c["retention"].get("S")),
+    ("retention ES", lambda c: c["retention"].get("ES")),
+    ("held-out facts kept", lambda c: c.get("heldout_kept")),
+    ("GE (bits)", lambda c: c.get("GE")),
+    ("perplexity", lambda c: c.get("perplexity")),
+    ("‖W − W₀‖ (all layers)", lambda c: sum(v * v for v in c["delta_norms"].values()) ** 0.5),
+)
+
+
+def load_curves(directories: list[Path]) -> list[tuple[dict, list[dict]]]:
+    """(summary or progress, checkpoints) of every directory that holds a curves.jsonl."""
+    runs = []
+    for directory in directories:
+        path = directory / "curves.jsonl"
+        if not path.is_file():
+            continue
+        lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        runs.append((load_summaries([directory])[0], lines))
+    return runs
+
+
+def plot_curves(directories: list[Path], out: Path) -> list[Path]:
+    """Lifelong runs on one figure: one panel per measure, one line per run, edits on x."""
+    go, make_subplots = _plotly()
+    runs = load_curves(directories)
+    if not runs:
+        raise EditError("no curves.jsonl in the given directories (run emmet eval --sequential --checkpoint-every K)")
+    fig = make_subplots(rows=2, cols=3, subplot_titles=[title for title, _ in CURVE_PANELS])
+    colours = {"emmet": "#d62728", "memit": "#1f77b4", "rome": "#2ca02c", "alphaedit": "#9467bd", "encore": "#ff7f0e"}
+    for summary, lines in runs:
+        label = f"{summary['algorithm']} b{summary['batch_size']}"
+        for index, (_, read) in enumerate(CURVE_PANELS):
+            points = [(c["edits"], read(c)) for c in lines if read(c) is not None]
+            fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
+                                     name=label, legendgroup=label, showlegend=index == 0,
+                                     line={"color": colours.get(summary["algorithm"])}),
+                          row=index // 3 + 1, col=index % 3 + 1)
+    for index in range(len(CURVE_PANELS)):
+        fig.update_xaxes(title_text="edits so far", row=index // 3 + 1, col=index % 3 + 1)
+    fig.update_layout(title=f"Lifelong editing of {runs[0][0]['model']}", height=700, width=1400,
+                      template="plotly_white")
+    return _save(fig, out, "curves")
+
+
+def plot_batch_sizes(directories: list[Path], out: Path) -> list[Path]:
+    """One panel per metric, one line per algorithm, batch size on a log axis; the
+    unedited model's value as a dotted line. Writes HTML, and PNG if kaleido works."""
+    go, make_subplots = _plotly()
     summaries = sorted(load_summaries(directories), key=lambda s: (s["algorithm"], s["batch_size"]))
     partial = [s for s in summaries if not s.get("complete", True)]
     for s in partial:  # a point from a fraction of the records would mislead: the table shows it
@@ -92,12 +177,4 @@ def plot_batch_sizes(directories: list[Path], out: Path) -> list[Path]:
     model = summaries[0]["model"] if summaries else ""
     fig.update_layout(title=f"Editing {model}: metrics against batch size (dotted: unedited)",
                       height=380, width=1400, template="plotly_white")
-    out.mkdir(parents=True, exist_ok=True)
-    written = [out / "batch_sizes.html"]
-    fig.write_html(written[0], include_plotlyjs=True)
-    try:
-        fig.write_image(out / "batch_sizes.png", scale=1)
-        written.append(out / "batch_sizes.png")
-    except Exception as exc:  # kaleido missing or without a browser: HTML only
-        log.warning("PNG export unavailable (%s); wrote HTML only", exc)
-    return written
+    return _save(fig, out, "batch_sizes")

@@ -82,3 +82,23 @@ def test_perplexity_is_exp_of_the_mean_token_nll(tokenizers):
         logp = loaded.model(ids).logits[0, :-1].float().log_softmax(-1)
     expected = math.exp(float(-logp.gather(1, ids[0, 1:, None]).mean()))
     assert perplexity(loaded, [text]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_plot_draws_several_lifelong_runs_on_one_figure(tokenizers, isolated_cache, corpus_file, tmp_path, capsys):
+    from emmet_core.cli import main
+
+    loaded = tiny("llama", tokenizers)
+    overrides = {"layers": [2], "v_num_grad_steps": 3, "context_templates": [[3, 2]],
+                 "stats_corpus": str(corpus_file), "stats_tokens": 500, "nullspace_threshold": 1e6}
+    for algorithm in ("memit", "alphaedit"):
+        config = EvalConfig(algorithm, batch_size=2, sequential=True, gen_tokens=3, overrides=overrides,
+                            checkpoint_every=2, retention=4, documents=3)
+        run_eval(Editor(loaded), Dataset("tiny", "counterfact", records(FACTS[:4])), config, tmp_path / algorithm,
+                 "tiny", progress=False, heldout=records(FACTS[4:6]))
+        loaded = tiny("llama", tokenizers)
+    assert main(["eval", "--plot", str(tmp_path / "memit"), str(tmp_path / "alphaedit"), "--out",
+                 str(tmp_path / "fig")]) == 0
+    html = (tmp_path / "fig" / "curves.html").read_text()
+    assert "memit b2" in html and "alphaedit b2" in html and "perplexity" in html
+    table = (tmp_path / "fig" / "table.md").read_text()
+    assert "| MEMIT b2 | 4 |" in table and "| ALPHAEDIT b2 | 4 |" in table
