@@ -17,6 +17,7 @@ pages = [
     st.Page("app_pages/history.py", title="History", icon=":material/history:"),
     st.Page("app_pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
     st.Page("app_pages/batch.py", title="Batch", icon=":material/table_rows:"),
+    st.Page("app_pages/lifelong.py", title="Lifelong", icon=":material/timeline:"),
     st.Page("app_pages/learn.py", title="Learn", icon=":material/school:"),
 ]
 page = st.navigation(pages)

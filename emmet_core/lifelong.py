@@ -75,6 +75,7 @@ def heldout_documents(corpus: str, count: int, skip_tokens: int, tokenizer, max_
 def perplexity(loaded: LoadedModel, texts: list[str], seq_len: int = 256, batch_size: int = 8) -> float:
     """exp(mean NLL per predicted token) over the first ``seq_len`` tokens of each text."""
     tok, adapter = loaded.tokenizer, loaded.adapter
+    seq_len = min(seq_len, adapter.context_length() or seq_len)
     rows = [list(tok(t, add_special_tokens=True)["input_ids"])[:seq_len] for t in texts]
     rows = [r for r in rows if len(r) > 1]
     total, count = 0.0, 0

@@ -279,3 +279,34 @@ def test_a_shared_server_offers_only_its_configured_models(tiny_app, monkeypatch
     assert at.selectbox(key="model_choice").options == [tiny_app["name"]]
     assert not [t for t in at.text_input if t.key == "model_other"]  # no path for a visitor to type
     assert not at.exception and session_of(at, tiny_app).loaded.name == tiny_app["name"]
+
+
+def test_lifelong_page_steps_runs_and_stops(tiny_app):
+    """A new run, one step (the unedited checkpoint arrives), stop (what was measured stays);
+    then a run to the end: charts and texts of both editors, and a download."""
+    at = app()
+    at.switch_page("app_pages/lifelong.py").run()
+    assert not at.exception
+    at.number_input(key="lifelong_n").set_value(4)
+    at.number_input(key="lifelong_batch").set_value(2)
+    at.number_input(key="lifelong_every").set_value(2)
+    at.button(key="lifelong_start").click().run()
+    _, run = at.session_state["lifelong"]
+    assert run.status == "ready" and not any(lane.curves for lane in run.lanes)
+    at.button(key="lifelong_step").click().run()
+    assert run.status == "paused" and [c["edits"] for c in run.lanes[0].curves] == [0]  # a checkpoint arrived
+    assert "lifelong_chart" in charts(at)
+    at.button(key="lifelong_stop").click().run()
+    assert run.status == "stopped" and run.lanes[0].curves and at.button(key="lifelong_run").disabled
+    assert at.get("download_button")  # what it measured can be downloaded
+
+    at.button(key="lifelong_start").click().run()
+    _, run = at.session_state["lifelong"]
+    at.button(key="lifelong_run").click().run()  # runs to the end (the page reruns itself after each step)
+    assert not at.exception and not at.error
+    assert run.status == "done" and [lane.algorithm for lane in run.lanes] == ["memit", "encore"]
+    assert all([c["edits"] for c in lane.curves] == [0, 2, 4] for lane in run.lanes)
+    texts = at.dataframe[0].value
+    assert list(texts["facts edited"]) == [0, 2, 4] and set(texts.columns) >= {"MEMIT", "ENCORE"}
+    session = session_of(at, tiny_app)
+    assert session.records == [] and same_weights(session.shared.loaded.model, tiny_app["weights"])

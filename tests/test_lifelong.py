@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import tiny
 
 from emmet_core import Editor
@@ -102,3 +103,39 @@ def test_the_plot_draws_several_lifelong_runs_on_one_figure(tokenizers, isolated
     assert "memit b2" in html and "alphaedit b2" in html and "perplexity" in html
     table = (tmp_path / "fig" / "table.md").read_text()
     assert "| MEMIT b2 | 4 |" in table and "| ALPHAEDIT b2 | 4 |" in table
+
+
+def test_an_app_run_streams_two_editors_side_by_side_without_touching_anyone(tokenizers, isolated_cache,
+                                                                              corpus_file):
+    from conftest import same_weights, weights_of
+
+    from emmet_core.studio.lifelong_run import LifelongRun
+    from emmet_core.studio.workspace import Session, SharedModel
+
+    shared = SharedModel(tiny("llama", tokenizers))
+    original = weights_of(shared.loaded.model)
+    user = Session(shared)  # another visitor, editing meanwhile
+    settings = {"layers": (1, 2), "v_num_grad_steps": 3, "context_templates": ((3, 2),),
+                "stats_corpus": str(corpus_file), "stats_tokens": 500, "nullspace_threshold": 1e6}
+    base = shared.editor.hparams
+    shared.editor.hparams = lambda algorithm, **o: base(algorithm, **{**settings, **o})  # tiny settings
+    run = LifelongRun(shared, records(FACTS[:4]), ["memit", "encore"], batch_size=2, checkpoint_every=2,
+                      heldout=records(FACTS[6:]), documents=["Berlin is the capital of Germany."] * 2,
+                      prompt="The Eiffel Tower is in", gen_tokens=3)
+    steps = []
+    while not run.done and len(steps) < 20:
+        steps.append(run.step())
+        assert not shared.lock.locked()  # released between steps: other sessions get their turn
+        if len(steps) == 3:
+            user.edit([FACTS[7]], "rome", hparams=base("rome", **{**settings, "layers": (2,)}), refuse_current=False)
+    assert run.done and run.progress() == 1.0
+    for lane in run.lanes:
+        assert [c["edits"] for c in lane.curves] == [0, 2, 4] and lane.edited == 4
+        assert lane.curves[-1]["delta_norms"]["2"] > 0 and isinstance(lane.curves[-1]["text"], str)
+    memit, encore = run.lanes
+    seen = [lane.session.run(lambda loaded: weights_of(loaded.model)) for lane in (memit, encore)]
+    assert not all(torch.equal(seen[0][k], seen[1][k]) for k in seen[0])  # each lane its own weights
+    assert len(user.records) == 1 and user.records[0].layers == [2]  # the visitor's edit is theirs alone
+    assert same_weights(shared.loaded.model, original)  # outside the lock: the original model
+    dump = run.to_dict()
+    assert [lane["algorithm"] for lane in dump["lanes"]] == ["memit", "encore"] and len(dump["facts"]) == 4

@@ -4,67 +4,20 @@ from CounterFact, scored before and after. The batch is kept in the session (und
 import csv
 import io
 import json
-import random
 
 import streamlit as st
 
 from app_pages import common
-from emmet_core.data import EvalRecord, load_dataset
+from emmet_core.data import EvalRecord
 from emmet_core.errors import InvalidRequestError
 from emmet_core.hparams import EDITOR_NAMES
 from emmet_core.studio import figures
-from emmet_core.studio.uploads import MAX_BYTES, MAX_FACTS, REQUIRED, parse_upload
+from emmet_core.studio.uploads import MAX_FACTS
 from emmet_core.studio.workflows import BatchReport, run_batch
 from emmet_core.studio.workspace import Session
 
 ALGORITHMS = {k: v for k, v in EDITOR_NAMES.items() if k != "rome"}  # batches: not ROME
-UPLOAD, SAMPLE = "Upload a file", "Sample from CounterFact"
-TEMPLATE = ("subject,prompt,target_new,target_true,paraphrase,neighbour_prompt,neighbour_target\n"
-            "Danielle Darrieux,The mother tongue of {} is,English,French,Danielle Darrieux is a native speaker of,"
-            "The mother tongue of Jean Gabin is,French\n")
 state = st.session_state
-
-
-@st.cache_resource(show_spinner="Reading the CounterFact file…", max_entries=4)
-def counterfact(path: str) -> list[EvalRecord]:
-    return load_dataset(path, skip_bad=True).records
-
-
-def from_upload() -> list[EvalRecord] | None:
-    st.caption(f"CSV or JSON with the columns {', '.join(REQUIRED)} and optionally target_true, paraphrase, "
-               f"neighbour_prompt, neighbour_target (CounterFact files work as they are). At most "
-               f"{MAX_FACTS} facts and {MAX_BYTES // 2**20} MB.")
-    upload = st.file_uploader("Facts file", type=["csv", "json", "jsonl"], key="batch_file",
-                              max_upload_size=MAX_BYTES // 2**20)
-    st.download_button("Download a CSV template", TEMPLATE, file_name="facts-template.csv", mime="text/csv",
-                       type="tertiary", icon=":material/download:", on_click="ignore")
-    if upload is None:
-        return None
-    with common.readable_errors(f"Reading {upload.name}"):
-        parsed = parse_upload(upload.name, upload.getvalue())
-        if parsed.skipped:
-            shown = "; ".join(parsed.skipped[:5]) + (" …" if len(parsed.skipped) > 5 else "")
-            st.warning(f"Skipped {len(parsed.skipped)} row(s): {shown}")
-        st.success(f"{len(parsed.records)} facts read from {upload.name}")
-        return parsed.records
-    return None
-
-
-def from_counterfact() -> list[EvalRecord] | None:
-    directory = common.data_dir()
-    files = sorted((directory / "counterfact").glob("counterfact*.json")) if directory else []
-    if not files:
-        st.info("No CounterFact files found: set EMMET_DATA_DIR to a folder with counterfact/*.json, or upload a "
-                "file instead.")
-        return None
-    left, middle, right = st.columns(3)
-    names = [f.name for f in files]
-    default = names.index("counterfact-edit.json") if "counterfact-edit.json" in names else 0
-    name = left.selectbox("File", names, index=default, key="batch_cf_file")
-    n = middle.number_input("Facts to sample", 1, MAX_FACTS, 10, key="batch_n")
-    seed = right.number_input("Seed", 0, 2**31 - 1, 0, key="batch_seed")
-    records = counterfact(str(files[names.index(name)]))
-    return random.Random(int(seed)).sample(records, min(int(n), len(records)))
 
 
 def run(session: Session, records: list[EvalRecord], algorithm: str, chunk: int, gen_tokens: int) -> None:
@@ -131,8 +84,7 @@ session = common.require_session()
 st.title("Batch edits")
 st.caption("Many facts in one MEMIT or EMMET solve, scored before and after on their prompts, paraphrases and "
            "neighbours. The batch is added to your session's history (undo it there).")
-source = st.radio("Facts", [SAMPLE, UPLOAD], horizontal=True, key="batch_source", label_visibility="collapsed")
-records = from_upload() if source == UPLOAD else from_counterfact()
+records = common.fact_source("batch")
 left, middle, right = st.columns(3)
 algorithm = left.segmented_control("Editor", list(ALGORITHMS), default="emmet", format_func=ALGORITHMS.get,
                                    key="batch_algorithm", required=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import uuid
 from collections.abc import Iterator
@@ -19,10 +20,12 @@ from typing import Any
 
 import streamlit as st
 
+from emmet_core.data import EvalRecord, load_dataset
 from emmet_core.errors import EditError
 from emmet_core.models import ALIASES, DEFAULT_MODEL, load_model
 from emmet_core.request import EditRequest
 from emmet_core.studio.suggest import RelationIndex, generic_paraphrases, suggest
+from emmet_core.studio.uploads import MAX_BYTES, MAX_FACTS, REQUIRED, parse_upload
 from emmet_core.studio.workspace import Session, SharedModel
 
 log = logging.getLogger("emmet_studio")
@@ -180,6 +183,67 @@ def require_session() -> Session:
         st.info("Choose a model in the sidebar to start.")
         st.stop()
     return current
+
+
+# -- facts to edit: sampled from CounterFact or uploaded -------------------------------------
+UPLOAD, SAMPLE = "Upload a file", "Sample from CounterFact"
+TEMPLATE = ("subject,prompt,target_new,target_true,paraphrase,neighbour_prompt,neighbour_target\n"
+            "Danielle Darrieux,The mother tongue of {} is,English,French,Danielle Darrieux is a native speaker of,"
+            "The mother tongue of Jean Gabin is,French\n")
+
+
+@st.cache_resource(show_spinner="Reading the CounterFact file…", max_entries=4)
+def counterfact(path: str) -> list[EvalRecord]:
+    return load_dataset(path, skip_bad=True).records
+
+
+def counterfact_files() -> list[Path]:
+    directory = data_dir()
+    return sorted((directory / "counterfact").glob("counterfact*.json")) if directory else []
+
+
+def fact_source(prefix: str, default_n: int = 10) -> list[EvalRecord] | None:
+    """The facts a page works on: a seeded sample of a CounterFact file, or an upload.
+    ``prefix`` keeps each page's widgets apart."""
+    source = st.radio("Facts", [SAMPLE, UPLOAD], horizontal=True, key=f"{prefix}_source",
+                      label_visibility="collapsed")
+    return from_upload(prefix) if source == UPLOAD else from_counterfact(prefix, default_n)
+
+
+def from_upload(prefix: str) -> list[EvalRecord] | None:
+    st.caption(f"CSV or JSON with the columns {', '.join(REQUIRED)} and optionally target_true, paraphrase, "
+               f"neighbour_prompt, neighbour_target (CounterFact files work as they are). At most "
+               f"{MAX_FACTS} facts and {MAX_BYTES // 2**20} MB.")
+    upload = st.file_uploader("Facts file", type=["csv", "json", "jsonl"], key=f"{prefix}_file",
+                              max_upload_size=MAX_BYTES // 2**20)
+    st.download_button("Download a CSV template", TEMPLATE, file_name="facts-template.csv", mime="text/csv",
+                       type="tertiary", icon=":material/download:", on_click="ignore", key=f"{prefix}_template")
+    if upload is None:
+        return None
+    with readable_errors(f"Reading {upload.name}"):
+        parsed = parse_upload(upload.name, upload.getvalue())
+        if parsed.skipped:
+            shown = "; ".join(parsed.skipped[:5]) + (" …" if len(parsed.skipped) > 5 else "")
+            st.warning(f"Skipped {len(parsed.skipped)} row(s): {shown}")
+        st.success(f"{len(parsed.records)} facts read from {upload.name}")
+        return parsed.records
+    return None
+
+
+def from_counterfact(prefix: str, default_n: int = 10) -> list[EvalRecord] | None:
+    files = counterfact_files()
+    if not files:
+        st.info("No CounterFact files found: set EMMET_DATA_DIR to a folder with counterfact/*.json, or upload a "
+                "file instead.")
+        return None
+    left, middle, right = st.columns(3)
+    names = [f.name for f in files]
+    default = names.index("counterfact-edit.json") if "counterfact-edit.json" in names else 0
+    name = left.selectbox("File", names, index=default, key=f"{prefix}_cf_file")
+    n = middle.number_input("Facts to sample", 1, MAX_FACTS, default_n, key=f"{prefix}_n")
+    seed = right.number_input("Seed", 0, 2**31 - 1, 0, key=f"{prefix}_seed")
+    records = counterfact(str(files[names.index(name)]))
+    return random.Random(int(seed)).sample(records, min(int(n), len(records)))
 
 
 # -- suggestions -----------------------------------------------------------------------------

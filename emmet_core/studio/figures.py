@@ -245,3 +245,29 @@ def spectrum_chart(eigenvalues: torch.Tensor, layer: int) -> go.Figure:
     fig.update_yaxes(type="log", title="eigenvalue", exponentformat="power")
     fig.update_xaxes(title="index (descending)")
     return _layout(fig, f"Spectrum of C0 = E[k kᵀ] at layer {layer}", height=300)
+
+
+# -- Lifelong page ---------------------------------------------------------------------------
+LIFELONG_PANELS = (
+    ("Edited facts: S", lambda c: c["retention"].get("S")),
+    ("Untouched facts kept (%)", lambda c: c.get("heldout_kept")),
+    ("Generation entropy (bits)", lambda c: c.get("GE")),
+    ("Perplexity of held-out text", lambda c: c.get("perplexity")),
+    ("‖W − W₀‖, all edited layers", lambda c: sum(v * v for v in c["delta_norms"].values()) ** 0.5),
+)
+
+
+def lifelong_chart(lanes: Sequence[tuple[str, Sequence[dict]]]) -> go.Figure:
+    """The checkpoints of a lifelong run: one panel per measure, one line per editor,
+    facts edited so far on x. ``lanes``: (algorithm, checkpoints) pairs."""
+    fig = make_subplots(rows=1, cols=len(LIFELONG_PANELS), subplot_titles=[t for t, _ in LIFELONG_PANELS],
+                        horizontal_spacing=0.05)
+    for algorithm, curves in lanes:
+        for col, (_, read) in enumerate(LIFELONG_PANELS, start=1):
+            points = [(c["edits"], read(c)) for c in curves if read(c) is not None]
+            fig.add_scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
+                            name=algorithm.upper(), legendgroup=algorithm, showlegend=col == 1,
+                            line={"color": _colour(algorithm)}, row=1, col=col)
+    for col in range(1, len(LIFELONG_PANELS) + 1):
+        fig.update_xaxes(title_text="facts edited", row=1, col=col)
+    return _layout(fig, "What the edits do to the model, checkpoint by checkpoint", height=340)
