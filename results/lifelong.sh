@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The lifelong runs behind results/lifelong.md: smollm2-135m, 2,000 records of
+# counterfact-edit.json applied in sequential batches of 100 (the AlphaEdit protocol),
+# measured every 100 edits; ROME one fact at a time for the first 500. One run at a time
+# on one machine. Every run resumes from its folder if interrupted.
+# Usage: results/lifelong.sh [DATA]   (DATA defaults to ../shared/data/counterfact/counterfact-edit.json)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:-../shared/data/counterfact/counterfact-edit.json}
+EMMET=${EMMET:-.venv/bin/emmet}
+OUT=results/smollm2-135m-lifelong
+COMMON=(--model smollm2-135m --data "$DATA" --sequential --generation-every 10 --seed 0
+        --retention 200 --heldout 100 --documents 50)
+
+run() {  # algorithm facts batch-size
+  local dir="$OUT/$1-seq"
+  [ -f "$dir/summary.json" ] && { echo "have $dir"; return; }
+  "$EMMET" eval "${COMMON[@]}" --algo "$1" --n "$2" --batch-size "$3" --checkpoint-every 100 --out "$dir"
+}
+
+"$EMMET" stats --model smollm2-135m --layers 2-6  # C0 of every edited layer, cached
+run encore 2000 100
+run alphaedit 2000 100
+run emmet 2000 100
+run memit 2000 100
+run rome 500 1
+"$EMMET" eval --plot "$OUT"/*-seq --out "$OUT"
