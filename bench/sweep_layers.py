@@ -21,6 +21,8 @@ import statistics
 import time
 from pathlib import Path
 
+import yaml
+
 from emmet_core import Editor, load_model, score_targets
 from emmet_core.cli import parse_layers
 from emmet_core.provenance import versions
@@ -60,7 +62,7 @@ def main() -> None:
     rows = []
     if args.param:
         window = parse_layers(args.window) or editor.hparams(args.algo).layers
-        values = [int(v) if v.strip().lstrip("-").isdigit() else float(v) for v in args.values.split(",")]
+        values = [yaml.safe_load(v) for v in args.values.split(",")]  # numbers, or words like most_probable
         candidates = [(args.param, v, editor.hparams(args.algo, layers=window, **{args.param: v})) for v in values]
     else:
         candidates = [("layer", layer, editor.hparams(args.algo, layers=(layer,)))
