@@ -123,3 +123,38 @@ def test_type_a_fact_apply_rome_and_see_the_charts(server, chromium):
         finally:
             browser.close()
     assert (ARTIFACTS / "edit-page-after-rome.png").stat().st_size > 50_000
+
+
+def test_a_lifelong_run_streams_facts_and_draws_its_curves(server, chromium):
+    """The Lifelong page in a real browser: four CounterFact facts into MEMIT and ENCORE in
+    batches of two, checkpoints every two facts, run to the end: the curves and the watched
+    prompt's continuation at each checkpoint appear."""
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(f"{server}/lifelong")
+            start = page.get_by_role("button", name="New run")
+            start.wait_for(timeout=180_000)
+            for label, value in (("Facts to sample", "4"), ("Facts per batch", "2"), ("Checkpoint every … facts", "2")):
+                box = page.get_by_label(label, exact=True)
+                box.fill(value)
+                box.press("Enter")
+            page.wait_for_timeout(1000)
+            start.click()
+            page.get_by_role("button", name="Run").click()
+            expect(page.get_by_text("Done ·")).to_be_visible(timeout=600_000)
+            expect(page.locator(".js-plotly-plot")).to_have_count(1, timeout=30_000)
+            assert page.get_by_text("Traceback").count() == 0
+            expect(page.get_by_text("What the model writes after")).to_be_visible()
+            full_page_screenshot(page, ARTIFACTS / "lifelong-page.png")
+        except Exception:
+            full_page_screenshot(page, ARTIFACTS / "lifelong-page-failure.png")
+            (ARTIFACTS / "lifelong-page-failure.txt").write_text(page.inner_text("body"), encoding="utf-8")
+            raise
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "lifelong-page.png").stat().st_size > 50_000
