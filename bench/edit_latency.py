@@ -6,7 +6,8 @@ edits (median over several runs, split by phase), and covariance throughput.
 Covariance statistics and context templates are computed once before timing (the
 cached state a user is in after the first edit); value targets are always optimised
 (no value cache). Writes bench/results/edit_latency-DEVICE[-KEY=VALUE...].json with the
-configuration, hyper-parameters, source revision and library versions.
+configuration, hyper-parameters, source revision and library versions (file name: device,
+EMMET batch size and --set items).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main() -> None:
         "covariance": {"layer": layer, "tokens": seen, "seconds": cov_seconds, "tokens_per_second": seen / cov_seconds},
     }
     tag = "".join(f"-{item}" for item in args.hparam)
-    path = ROOT / "bench" / "results" / f"edit_latency-{loaded.device.type}{tag}.json"
+    path = ROOT / "bench" / "results" / f"edit_latency-{loaded.device.type}-b{len(batch)}{tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}")
