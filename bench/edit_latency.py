@@ -5,9 +5,8 @@ edits (median over several runs, split by phase), and covariance throughput.
 
 Covariance statistics and context templates are computed once before timing (the
 cached state a user is in after the first edit); value targets are always optimised
-(no value cache). Writes bench/results/edit_latency-DEVICE[-KEY=VALUE...].json with the
-configuration, hyper-parameters, source revision and library versions (file name: device,
-EMMET batch size and --set items).
+(no value cache). Writes bench/results/edit_latency-DEVICE-bBATCH[-KEY=VALUE...].json with the
+configuration, hyper-parameters, source revision and library versions.
 """
 
 from __future__ import annotations

@@ -145,7 +145,9 @@ def test_a_lifelong_run_streams_facts_and_draws_its_curves(server, chromium):
                 box.press("Enter")
             page.wait_for_timeout(1000)
             start.click()
-            page.get_by_role("button", name="Run").click()
+            run = page.get_by_role("button", name="Run", exact=True)
+            expect(run).to_be_enabled(timeout=60_000)  # the run is set up
+            run.click()
             expect(page.get_by_text("Done ·")).to_be_visible(timeout=600_000)
             expect(page.locator(".js-plotly-plot")).to_have_count(1, timeout=30_000)
             assert page.get_by_text("Traceback").count() == 0

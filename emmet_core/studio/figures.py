@@ -270,4 +270,6 @@ def lifelong_chart(lanes: Sequence[tuple[str, Sequence[dict]]]) -> go.Figure:
                             line={"color": _colour(algorithm)}, row=1, col=col)
     for col in range(1, len(LIFELONG_PANELS) + 1):
         fig.update_xaxes(title_text="facts edited", row=1, col=col)
-    return _layout(fig, "What the edits do to the model, checkpoint by checkpoint", height=340)
+    fig = _layout(fig, "What the edits do to the model, checkpoint by checkpoint", height=360)
+    fig.update_layout(legend={"orientation": "h", "yanchor": "top", "y": -0.25, "xanchor": "left", "x": 0})
+    return fig
