@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The lifelong runs behind results/lifelong.md: smollm2-135m, 2,000 records of
 # counterfact-edit.json applied in sequential batches of 100 (the AlphaEdit protocol),
-# measured every 100 edits; ROME one fact at a time for the first 500. One run at a time
+# measured every 200 edits; ROME one fact at a time for the first 500, measured every 100. One run at a time
 # on one machine. Every run resumes from its folder if interrupted.
 # Usage: results/lifelong.sh [DATA]   (DATA defaults to ../shared/data/counterfact/counterfact-edit.json)
 set -euo pipefail
@@ -12,16 +12,16 @@ OUT=results/smollm2-135m-lifelong
 COMMON=(--model smollm2-135m --data "$DATA" --sequential --generation-every 10 --seed 0
         --retention 200 --heldout 100 --documents 50)
 
-run() {  # algorithm facts batch-size
+run() {  # algorithm facts batch-size checkpoint-every
   local dir="$OUT/$1-seq"
   [ -f "$dir/summary.json" ] && { echo "have $dir"; return; }
-  "$EMMET" eval "${COMMON[@]}" --algo "$1" --n "$2" --batch-size "$3" --checkpoint-every 100 --out "$dir"
+  "$EMMET" eval "${COMMON[@]}" --algo "$1" --n "$2" --batch-size "$3" --checkpoint-every "$4" --out "$dir"
 }
 
 "$EMMET" stats --model smollm2-135m --layers 2-6  # C0 of every edited layer, cached
-run encore 2000 100
-run alphaedit 2000 100
-run emmet 2000 100
-run memit 2000 100
-run rome 500 1
+run encore 2000 100 200
+run alphaedit 2000 100 200
+run emmet 2000 100 200
+run memit 2000 100 200
+run rome 500 1 100
 "$EMMET" eval --plot "$OUT"/*-seq --out "$OUT"

@@ -146,7 +146,10 @@ def test_figures_carry_the_numbers():
     prompt = figures.prompt_chart(before[0], after[0])
     assert [list(t.y) for t in prompt.data] == [[0.03, 0.99], [0.2, 0.001]]
     paraphrases = figures.paraphrase_chart(before, after)
-    assert len(paraphrases.data) == 4 and paraphrases.layout.annotations[0].text.startswith("✓ prompt 0")
+    titles = [a.text for a in paraphrases.layout.annotations]
+    assert len(paraphrases.data) == 4 and titles[0].startswith("✓ +6.90 prompt 0")  # ln(0.99 / 0.001)
+    assert titles[1].startswith("✓? +0.41 prompt 1")  # 0.6 vs 0.4: a win, but by less than the clear margin
+    assert figures.paraphrase_chart(before, after, threshold=0.4).layout.annotations[1].text.startswith("✓ +0.41")
     neighbours = figures.neighbour_chart(before, after)
     assert [t.x for t in neighbours.data] == [(0.2,), (0.001,), (0.3,), (0.4,)]
     assert figures.phase_chart({"values": 6.0, "keys": 0.1, "total": 6.2}).data[0].y == ("keys", "values")

@@ -24,7 +24,7 @@ from emmet_core.data import EvalRecord, load_dataset
 from emmet_core.errors import EditError
 from emmet_core.models import ALIASES, DEFAULT_MODEL, load_model
 from emmet_core.request import EditRequest
-from emmet_core.studio.suggest import RelationIndex, generic_paraphrases, suggest
+from emmet_core.studio.suggest import RelationIndex, generic_paraphrases, judgeable, suggest
 from emmet_core.studio.uploads import MAX_BYTES, MAX_FACTS, REQUIRED, parse_upload
 from emmet_core.studio.workspace import Session, SharedModel
 
@@ -247,17 +247,19 @@ def from_counterfact(prefix: str, default_n: int = 10) -> list[EvalRecord] | Non
 
 
 # -- suggestions -----------------------------------------------------------------------------
-def suggestions(subject: str, template: str, true_object: str | None) -> tuple[list[str], list[tuple[str, str]]]:
+def suggestions(subject: str, template: str, true_object: str | None,
+                new_object: str | None = None) -> tuple[list[str], list[tuple[str, str]]]:
     """Paraphrases and neighbours: the example's own when the fact is an example, else
-    from CounterFact relations (when the data is there), else generic rewordings."""
+    from CounterFact relations (when the data is there), else generic rewordings. Never
+    a neighbour whose object is the new object (a tie no check can judge)."""
     for example in examples():
         if example["subject"] == subject and example["prompt"] == template:
-            return list(example["paraphrases"]), [tuple(n) for n in example["neighbours"]]
+            return list(example["paraphrases"]), judgeable([tuple(n) for n in example["neighbours"]], new_object)
     directory = data_dir()
     index = relation_index(str(directory) if directory else None)
     if index is None:
         return generic_paraphrases(template.replace("{}", subject, 1))[:3], []
-    return suggest(index, subject, template, true_object)
+    return suggest(index, subject, template, true_object, new_object=new_object)
 
 
 def current_fact() -> EditRequest | None:

@@ -9,6 +9,7 @@ from emmet_core.errors import InvalidRequestError
 from emmet_core.hparams import EDITOR_NAMES
 from emmet_core.request import EditRequest
 from emmet_core.studio import figures
+from emmet_core.studio.suggest import judgeable
 from emmet_core.studio.workflows import CompareRow, compare, parse_lines, parse_neighbours, record_for
 from emmet_core.studio.workspace import Session
 
@@ -26,12 +27,13 @@ def options() -> dict[str, tuple[EditRequest, list[str], list[tuple[str, str | N
         paraphrases, neighbours = parse_lines(state.get("paraphrases") or ""), parse_neighbours(
             state.get("neighbours") or "")
         if not paraphrases and not neighbours:  # the Edit page has not suggested any yet
-            paraphrases, neighbours = common.suggestions(fact.subject, fact.prompt, None)
+            paraphrases, neighbours = common.suggestions(fact.subject, fact.prompt, None, fact.target_new)
         out[f"{EDIT_PAGE}: {fact.text} → {fact.target_new}"] = (fact, paraphrases, neighbours)
     for example in common.examples():
         request = EditRequest(example["prompt"], example["subject"], example["target_new"])
         out[common.example_label(example)] = (request, list(example["paraphrases"]),
-                                               [tuple(n) for n in example["neighbours"]])
+                                               judgeable([tuple(n) for n in example["neighbours"]],
+                                                         request.target_new))
     return out
 
 

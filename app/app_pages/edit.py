@@ -59,7 +59,8 @@ def prefill(session: Session) -> dict[str, object]:
             done["_answer_for"] = answer_key
     suggest_key = (request.subject, request.prompt)
     if state.get("_suggested_for") != suggest_key:
-        paraphrases, neighbours = common.suggestions(request.subject, request.prompt, state.get("target_true"))
+        paraphrases, neighbours = common.suggestions(request.subject, request.prompt, state.get("target_true"),
+                                                     state.get("target_new"))
         state.paraphrases, state.neighbours = "\n".join(paraphrases), format_neighbours(neighbours)
         done["_suggested_for"] = suggest_key
     return done
@@ -203,8 +204,7 @@ def tables(report: EditReport) -> None:
         rows = [{"kind": kind, "prompt": a.prompt, "object": a.new if kind == "paraphrase" else a.true,
                  "P before": b.p_new if kind == "paraphrase" else b.p_true,
                  "P after": a.p_new if kind == "paraphrase" else a.p_true,
-                 "result": ("pass" if a.prefers_new else "fail") if kind == "paraphrase"
-                 else ("kept" if not a.prefers_new else "moved to the new object")}
+                 "result": (a.as_new(threshold) if kind == "paraphrase" else a.as_kept(threshold)).label()}
                 for kind, pairs in (("paraphrase", zip(before.paraphrases, after.paraphrases)),
                                     ("neighbour", zip(before.neighbours, after.neighbours)))
                 for b, a in pairs]

@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from .judge import CLEAR_MARGIN
 from .workflows import CompareRow, PromptScore
 
 NEW, OLD = "#e4572e", "#4c78a8"  # the new object, the old (true) object
@@ -57,17 +58,21 @@ def prompt_chart(before: PromptScore, after: PromptScore) -> go.Figure:
     return _layout(fig, "Probability on the prompt", barmode="group")
 
 
-def paraphrase_chart(before: Sequence[PromptScore], after: Sequence[PromptScore]) -> go.Figure:
-    """P(new) per paraphrase before and after; each title says pass (✓) or fail (✗)."""
-    titles = [f"{'✓' if a.prefers_new else '✗'} {textwrap.shorten(a.prompt, 64, placeholder=' …')}  ·  after: "
-              f"new {_pct(a.p_new)} {'>' if a.prefers_new else '<'} old {_pct(a.p_true)}" for a in after]
+def paraphrase_chart(before: Sequence[PromptScore], after: Sequence[PromptScore],
+                     threshold: float = CLEAR_MARGIN) -> go.Figure:
+    """P(new) per paraphrase before and after; each title carries the judgement and its
+    margin (:mod:`judge`): ✓ clear, ✓? by less than ``threshold``, ✗ failed."""
+    titles = [f"{a.as_new(threshold).label()} {textwrap.shorten(a.prompt, 60, placeholder=' …')}  ·  after: "
+              f"new {_pct(a.p_new)} {'>' if a.prefers_new else '≤'} old {_pct(a.p_true)}" for a in after]
     return _prompt_rows("Paraphrases: P(new object)", titles, [
         ("P(new) before", BEFORE, [b.p_new for b in before]), ("P(new) after", NEW, [a.p_new for a in after])])
 
 
-def neighbour_chart(before: Sequence[PromptScore], after: Sequence[PromptScore]) -> go.Figure:
-    """P(true object) of each neighbour before and after: it should not move."""
-    titles = [f"{textwrap.shorten(a.prompt, 64, placeholder=' …')} → {a.true}"
+def neighbour_chart(before: Sequence[PromptScore], after: Sequence[PromptScore],
+                    threshold: float = CLEAR_MARGIN) -> go.Figure:
+    """P(true object) of each neighbour before and after: it should not move. Titles
+    carry the judgement of keeping the neighbour's own object, with its margin."""
+    titles = [f"{a.as_kept(threshold).label()} {textwrap.shorten(a.prompt, 60, placeholder=' …')} → {a.true}"
               + ("  ·  now prefers the new object" if a.prefers_new else "") for a in after]
     return _prompt_rows("Neighbours: P(their own object)", titles, [
         ("before", BEFORE, [b.p_true for b in before]), ("after", OLD, [a.p_true for a in after])])

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..request import SUBJECT_SLOT, fill
+from .judge import same_object
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +112,12 @@ class RelationIndex:
         return _first_unique([*known, *wordings[:2], *generic_paraphrases(text)], k, exclude={text})
 
     def suggest_neighbours(self, subject: str, template: str, true_object: str | None = None,
-                           k: int = 5) -> list[tuple[str, str]]:
+                           k: int = 5, new_object: str | None = None) -> list[tuple[str, str]]:
         """Other subjects with the same relation, as (prompt in the user's wording, their
         true object): first those whose object is the edited fact's old object (the ones
-        an edit is most likely to drag along), then the rest; the same template first."""
+        an edit is most likely to drag along), then the rest; the same template first.
+        Never one whose object is ``new_object``: it would prefer the new object whatever
+        the edit did, a tie no check can judge."""
         candidates = list(self.facts.get(template, []))
         for other in self.templates_of(template):
             candidates.extend(self.facts[other])
@@ -123,7 +126,7 @@ class RelationIndex:
         out: list[tuple[str, str]] = []
         seen = {subject}
         for fact in ranked:
-            if fact.subject in seen:
+            if fact.subject in seen or same_object(fact.target, new_object):
                 continue
             seen.add(fact.subject)
             out.append((fill(template, fact.subject), fact.target))
@@ -138,12 +141,18 @@ def generic_paraphrases(text: str) -> list[str]:
 
 
 def suggest(index: RelationIndex | None, subject: str, template: str, true_object: str | None = None,
-            paraphrases: int = 4, neighbours: int = 5) -> tuple[list[str], list[tuple[str, str]]]:
+            paraphrases: int = 4, neighbours: int = 5,
+            new_object: str | None = None) -> tuple[list[str], list[tuple[str, str]]]:
     """Paraphrases and neighbours for a fact, with or without an index."""
     if index is None:
         return generic_paraphrases(fill(template, subject))[:paraphrases], []
     return (index.suggest_paraphrases(subject, template, paraphrases),
-            index.suggest_neighbours(subject, template, true_object, neighbours))
+            index.suggest_neighbours(subject, template, true_object, neighbours, new_object))
+
+
+def judgeable(neighbours: Iterable[tuple[str, str | None]], new_object: str | None) -> list[tuple[str, str | None]]:
+    """The neighbours whose own object is not the new object (see :mod:`judge`)."""
+    return [(p, t) for p, t in neighbours if t is None or not same_object(t, new_object)]
 
 
 # -- helpers -------------------------------------------------------------------------------

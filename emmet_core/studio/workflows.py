@@ -22,6 +22,7 @@ from ..hparams import HParams
 from ..models import LoadedModel
 from ..readout import generate, greedy_answer, score_targets
 from ..request import EditRequest
+from .judge import CLEAR_MARGIN, Judgement, judge_kept, judge_new
 from .workspace import EditRecord, PhaseCallback, Session, SharedModel
 
 
@@ -40,6 +41,14 @@ class PromptScore:
     @property
     def prefers_new(self) -> bool:
         return self.nll_new < self.nll_true
+
+    def as_new(self, threshold: float = CLEAR_MARGIN) -> Judgement:
+        """Judged as a rewrite or paraphrase prompt (should prefer the new object)."""
+        return judge_new(self.nll_new, self.nll_true, self.new, self.true, threshold)
+
+    def as_kept(self, threshold: float = CLEAR_MARGIN) -> Judgement:
+        """Judged as a neighbour prompt (should keep its own object)."""
+        return judge_kept(self.nll_new, self.nll_true, self.new, self.true, threshold)
 
 
 def score_prompts(loaded: LoadedModel, prompts: list[str], new: list[str], true: list[str]) -> list[PromptScore]:
@@ -108,11 +117,16 @@ class EditReport:
 
     @property
     def paraphrases_passed(self) -> int:
-        return sum(p.prefers_new for p in self.after.paraphrases)
+        return sum(p.as_new().passed for p in self.after.paraphrases)
 
     @property
     def neighbours_kept(self) -> int:
-        return sum(not p.prefers_new for p in self.after.neighbours)
+        return sum(p.as_kept().passed for p in self.after.neighbours)
+
+    @property
+    def already_new(self) -> bool:
+        """The model preferred the new object before the edit: the edit proves little."""
+        return self.before.rewrite.as_new().passed
 
     def summary(self) -> dict[str, Any]:
         """The numbers kept in the session's edit log."""
