@@ -24,5 +24,6 @@ page = st.navigation(pages)
 with st.sidebar:
     st.markdown("### EMMET Studio")
 common.model_picker()
+common.judgement_settings()
 common.sidebar_status(common.session())
 page.run()

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
 
 from .models import LoadedModel
 from .tokens import pad_rows, prompt_ids, target_ids
@@ -130,6 +133,42 @@ def _row_seed(seed: int, prompt: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{prompt}".encode()).digest()[:8], "little") >> 1
 
 
+@contextmanager
+def decoding_threads(device: torch.device) -> Iterator[None]:
+    """One CPU thread while decoding. A decoding step multiplies a handful of rows by
+    each matrix: on a CPU torch's second thread saves little there and, on a busy
+    2-core machine, its spinning made 2 × 40 sampled tokens 7× slower (3.6 s with one
+    thread, 25.9 s with two; bench/generation.py measures it on an idle machine)."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _TextStream(BaseStreamer):
+    """Hands the text generated so far to ``on_text`` after every new token."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]) -> None:
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() hands over the prompt first
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        self.on_text(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def end(self) -> None:
+        pass
+
+
 @torch.no_grad()
 def generate(
     loaded: LoadedModel,
@@ -138,11 +177,15 @@ def generate(
     batch_size: int = 16,
     top_k: int | None = None,
     seed: int = 0,
+    on_text: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Continuations: greedy by default (before/after texts are comparable), or top-k
     sampling with ``seed`` (for generation entropy). Sampling uses per-prompt generators,
     so a text depends on (seed, prompt, weights) only: not on the global RNG, nor on the
-    batch the prompt happened to share."""
+    batch the prompt happened to share. ``on_text`` (one prompt only) hears the text so
+    far after every token, for a page that shows it as it is written."""
+    if on_text is not None and len(prompts) != 1:
+        raise ValueError("on_text streams one prompt at a time")
     tok = loaded.tokenizer
     texts: list[str] = []
     for first in range(0, len(prompts), batch_size):
@@ -150,10 +193,12 @@ def generate(
         enc = tok(chunk, padding=True, padding_side="left")
         enc = {name: torch.tensor(enc[name], device=loaded.device) for name in ("input_ids", "attention_mask")}
         sampler = LogitsProcessorList([_RowSeededTopK(chunk, top_k, seed, max_new_tokens)]) if top_k else None
-        out = loaded.model.generate(
-            **enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, logits_processor=sampler,
-            do_sample=False, top_k=None, top_p=None, temperature=None,
-        )
+        streamer = _TextStream(tok, on_text) if on_text is not None else None
+        with decoding_threads(loaded.device):
+            out = loaded.model.generate(
+                **enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, logits_processor=sampler,
+                do_sample=False, top_k=None, top_p=None, temperature=None, streamer=streamer,
+            )
         texts.extend(tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
     return texts
 

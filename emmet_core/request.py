@@ -11,6 +11,13 @@ from .errors import InvalidRequestError
 SUBJECT_SLOT = "{}"
 
 
+def quote(text: str, width: int = 60) -> str:
+    """``text`` quoted for an error message, shortened in the middle when long."""
+    if len(text) <= width:
+        return repr(text)
+    return f"{text[: width // 2]!r} … {text[-width // 3 :]!r} ({len(text):,} characters)"
+
+
 @dataclass(frozen=True)
 class EditRequest:
     """Rewrite "prompt(subject) -> target_true" into "prompt(subject) -> target_new".
@@ -26,24 +33,24 @@ class EditRequest:
     target_new: str
     target_true: str | None = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # messages quote inputs through quote(): never a whole essay back
         subject = (self.subject or "").strip()
         if not subject:
             raise InvalidRequestError("subject is empty")
         if not (self.target_new or "").strip():
-            raise InvalidRequestError(f"target_new is empty for subject {subject!r}")
+            raise InvalidRequestError(f"target_new is empty for subject {quote(subject)}")
         prompt = (self.prompt or "").rstrip()
         if not prompt.strip():
-            raise InvalidRequestError(f"prompt is empty for subject {subject!r}")
+            raise InvalidRequestError(f"prompt is empty for subject {quote(subject)}")
         slots = prompt.count(SUBJECT_SLOT)
         if slots > 1:
-            raise InvalidRequestError(f"prompt {prompt!r} has {slots} '{{}}' slots; use exactly one")
+            raise InvalidRequestError(f"prompt {quote(prompt)} has {slots} '{{}}' slots; use exactly one")
         if slots == 0:
             found = re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", prompt)  # whole words only
             if found is None:
                 inside = " (it occurs only inside a longer word)" if subject in prompt else ""
                 raise InvalidRequestError(
-                    f"subject {subject!r} does not occur in prompt {prompt!r}{inside}; "
+                    f"subject {quote(subject)} does not occur in prompt {quote(prompt)}{inside}; "
                     "put '{}' where the subject goes or include it verbatim"
                 )
             prompt = prompt[: found.start()] + SUBJECT_SLOT + prompt[found.end() :]
@@ -51,7 +58,7 @@ class EditRequest:
         target_true = self.target_true.strip() if self.target_true else None
         if target_true is not None and target_true == target_new:
             raise InvalidRequestError(
-                f"target_new equals target_true ({target_new!r}) for subject {subject!r}"
+                f"target_new equals target_true ({quote(target_new)}) for subject {quote(subject)}"
             )
         object.__setattr__(self, "prompt", prompt)
         object.__setattr__(self, "subject", subject)

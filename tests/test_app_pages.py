@@ -310,3 +310,76 @@ def test_lifelong_page_steps_runs_and_stops(tiny_app):
     assert list(texts["facts edited"]) == [0, 2, 4] and set(texts.columns) >= {"MEMIT", "ENCORE"}
     session = session_of(at, tiny_app)
     assert session.records == [] and same_weights(session.shared.loaded.model, tiny_app["weights"])
+
+
+def test_settings_stay_chosen_across_pages(tiny_app):
+    """The lecturer picks EMMET, 20 tokens and layer 1, visits History and comes back."""
+    at = app()
+    at.segmented_control(key="algorithm").set_value("emmet").run()
+    layers_key = f"hp.{tiny_app['name']}.emmet.layers"
+    at.number_input(key="gen_tokens").set_value(20)
+    at.text_input(key=layers_key).set_value("1")
+    at.number_input(key="clear_margin").set_value(0.5).run()
+    for page in ("app_pages/history.py", "app_pages/compare.py", "app_pages/edit.py"):
+        at.switch_page(page).run()
+        assert not at.exception
+    assert at.segmented_control(key="algorithm").value == "emmet"
+    assert at.number_input(key="gen_tokens").value == 20
+    assert at.text_input(key=layers_key).value == "1"
+    assert at.number_input(key="clear_margin").value == 0.5
+    assert at.button(key="apply").label == "Apply edit with EMMET"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("prompt", "The mother tongue of {} is " + "very " * 1000, "characters long; at most 300"),
+    ("target_new", "English " * 30, "the new object is 239 characters long; at most 80"),
+    ("paraphrases", "\n".join(f"Darrieux speaks {i}" for i in range(12)), "12 paraphrases; at most 10"),
+])
+def test_over_long_inputs_get_a_short_message_and_hold_nothing(tiny_app, field, value, message):
+    at = app()
+    getattr(at, "text_area" if field == "paraphrases" else "text_input")(key=field).set_value(value)
+    at.button(key="apply").click().run()
+    assert not at.exception
+    (error,) = [e.value for e in at.error]
+    assert message in error and len(error) < 300  # the input is never echoed whole
+    assert session_of(at, tiny_app).records == []
+
+
+def test_ties_margins_and_known_facts_on_the_edit_page(tiny_app):
+    """The neighbour whose object is the new object is a tie ('='), never 'kept'; every
+    mark carries its margin; a fact the model already answers the new way is flagged."""
+    at = app()
+    at.text_area(key="neighbours").set_value("The mother tongue of Jean Gabin is | English\n"
+                                             "The mother tongue of Michel Rocard is | French")
+    apply_edit(at)
+    assert not at.exception and not at.error
+    report = at.session_state["edit_report"][1]
+    assert report.neighbours_kept <= 1  # the tie never counts as kept
+    (table,) = [d.value for d in at.dataframe]
+    results = list(table["result"])
+    assert "= same object" in results
+    assert all(r[0] in "✓✗=" and (r.startswith("=") or r.split()[-1][0] in "+-") for r in results)
+    kept = next(m for m in at.metric if m.label == "Neighbours kept")
+    assert kept.value.endswith("/ 2")
+    # Now the same fact with the new object being what the model already says.
+    at.text_input(key="target_new").set_value(report.after.rewrite.new)
+    at.text_input(key="target_true").set_value("Klingon")
+    at.button(key="apply").click().run()
+    assert not at.exception
+    now = at.session_state["edit_report"][1]
+    assert now.already_new == now.before.rewrite.as_new().passed
+    assert any("already preferred" in w.value for w in at.warning) == now.already_new
+
+
+def test_lecture_mode_writes_texts_only_when_asked(tiny_app):
+    at = app()
+    at.session_state["lecture_mode"] = True
+    apply_edit(at)
+    assert not at.exception
+    report = at.session_state["edit_report"][1]
+    assert report.texts_pending and "chart_entropy" not in charts(at)
+    assert {"chart_prompt", "chart_paraphrases"} <= set(charts(at))  # the answer comes first
+    at.button(key="write_texts").click().run()
+    assert not report.texts_pending and len(report.after.texts) == len(report.generation_prompts) == 2
+    assert "chart_entropy" in charts(at) and report.seconds["texts"] > 0
+    assert report.total_seconds == pytest.approx(sum(report.seconds.values()))

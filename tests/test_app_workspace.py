@@ -16,9 +16,10 @@ from conftest import make_model, make_tokenizer, same_weights, weights_of
 from emmet_core import Editor, score_targets
 from emmet_core.errors import InvalidRequestError, UnsupportedModelError
 from emmet_core.models import prepare
+from emmet_core.readout import generate
 from emmet_core.request import EditRequest
 from emmet_core.studio.anatomy import pictures
-from emmet_core.studio.workflows import FactChecks, compare, edit_fact, record_for, run_batch
+from emmet_core.studio.workflows import FactChecks, compare, edit_fact, generate_texts, record_for, run_batch
 from emmet_core.studio.workspace import Session, SharedModel
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -183,7 +184,16 @@ def test_edit_report_log_and_export(shared, tmp_path):
     assert report.after.rewrite.p_new != report.before.rewrite.p_new
     assert checks.neighbours[0][1]  # the neighbour's object is the model's own answer, fixed before the edit
     assert report.after.neighbours[0].true == report.before.neighbours[0].true == checks.neighbours[0][1]
-    assert len(report.before.texts) == len(report.after.texts) == 2
+    assert report.texts_pending and report.after.texts == []  # probabilities first, texts on demand
+    streamed: list[tuple[str, int, str]] = []
+    generate_texts(session, report, on_text=lambda side, i, text: streamed.append((side, i, text)))
+    assert len(report.before.texts) == len(report.after.texts) == 2 and not report.texts_pending
+    assert {(side, i) for side, i, _ in streamed} == {("before", 0), ("before", 1), ("after", 0), ("after", 1)}
+    assert [t for side, i, t in streamed if (side, i) == ("after", 1)][-1] == report.after.texts[1]
+    # The "before" texts are those of the weights just before this edit, read after it.
+    fresh = Session(shared)
+    assert fresh.run(lambda loaded: generate(loaded, [report.generation_prompts[0]], 8, top_k=5, seed=0)) == \
+        report.before.texts[:1]
     log = json.loads(session.log_json())
     assert log["model"] == "tiny-llama" and log["edits"][0]["summary"]["p_new"][1] == report.after.rewrite.p_new
     assert log["edits"][0]["layers"] == [2] and log["edits"][0]["requests"][0]["target_new"] == "English"
@@ -258,3 +268,14 @@ def test_a_reader_that_will_not_wait_is_told_the_model_is_busy(shared):
             session.run(lambda loaded: None, on_wait=lambda: waited.append(True), timeout=0.05)
     assert waited == [True]
     assert session.answer(["The mother tongue of Danielle Darrieux is"], timeout=0.05)  # free again
+
+
+def test_the_edit_page_and_compare_give_the_same_numbers_for_the_same_edit(shared):
+    """Same fact, editor and settings: the Edit page's path (edit_fact) and Compare's
+    (compare) must report the same ‖Δ‖ and the same probabilities."""
+    hparams = hp(Session(shared), "emmet", shared.corpus)
+    request = EditRequest(DARRIEUX.prompt, DARRIEUX.subject, DARRIEUX.target_new)
+    report = edit_fact(Session(shared), request, FactChecks(), "emmet", hparams)
+    (_, row) = compare(shared, [record_for(request, [], [])], ["emmet"], hparams={"emmet": hparams})
+    assert row.norms == report.record.norms
+    assert row.p_new == [report.after.rewrite.p_new] and row.p_true == [report.after.rewrite.p_true]

@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from emmet_core.data import EvalRecord, load_dataset
 from emmet_core.errors import EditError
 from emmet_core.models import ALIASES, DEFAULT_MODEL, load_model
 from emmet_core.request import EditRequest
+from emmet_core.studio.judge import CLEAR_MARGIN
 from emmet_core.studio.suggest import RelationIndex, generic_paraphrases, judgeable, suggest
 from emmet_core.studio.uploads import MAX_BYTES, MAX_FACTS, REQUIRED, parse_upload
 from emmet_core.studio.workspace import Session, SharedModel
@@ -34,6 +36,19 @@ REPO = Path(__file__).resolve().parents[2]
 OTHER_MODEL = "Other: a hub id or a local path"
 # The Edit page's fact: other pages read it, so it must outlive the Edit page's widgets.
 FACT_KEYS = ("subject", "prompt", "target_new", "target_true", "paraphrases", "neighbours")
+# Every setting a user chooses stays chosen when they visit another page and come back
+# (Streamlit forgets the value of a widget that a run does not draw). Buttons and file
+# uploads are not settings (and their values cannot be set).
+SETTING_KEYS = ("algorithm", "gen_tokens", "clear_margin", "lecture_mode", "batch_algorithm", "batch_chunk",
+                "batch_gen_tokens", "compare_facts", "compare_algorithms", "compare_gen_tokens", "lifelong_editors",
+                "lifelong_batch", "lifelong_every", "lifelong_prompt", "learn_record")
+SETTING_PREFIXES = ("hp.",)  # the Edit page's Advanced hyper-parameters, per model and editor
+SETTING_SUFFIXES = ("_source", "_cf_file", "_n", "_seed", "_repeats")  # fact sources of Batch/Compare/Lifelong
+
+
+def is_setting(key: str) -> bool:
+    return (key in FACT_KEYS or key in SETTING_KEYS or key.startswith(SETTING_PREFIXES)
+            or key.endswith(SETTING_SUFFIXES))
 
 
 # -- configuration -------------------------------------------------------------------------
@@ -108,9 +123,9 @@ def init_state() -> None:
     first = examples()[0] if examples() else {"subject": "", "prompt": "", "target_new": ""}
     for key in ("subject", "prompt", "target_new"):
         state.setdefault(key, first[key])
-    for key in FACT_KEYS:  # keep the fact when the Edit page is not shown
-        if key in state:
-            state[key] = state[key]
+    state.setdefault("clear_margin", CLEAR_MARGIN)
+    for key in [k for k in state if isinstance(k, str) and is_setting(k)]:  # kept when its page is not shown
+        state[key] = state[key]
 
 
 def model_name() -> str:
@@ -163,6 +178,25 @@ def session() -> Session | None:
     elif current.shared is not shared:  # the cache reloaded the model: same original weights
         current.shared = shared
     return current
+
+
+def lecture_mode() -> bool:
+    """The sidebar's lecture switch: short or no generation until asked, large text."""
+    return bool(st.session_state.get("lecture_mode", False))
+
+
+def clear_margin() -> float:
+    """The margin (nats per token) above which a win is clear rather than weak."""
+    return float(st.session_state.get("clear_margin", CLEAR_MARGIN))
+
+
+def judgement_settings() -> None:
+    """Sidebar: the clear-win margin every page judges prompts with."""
+    with st.sidebar:
+        st.number_input("Clear win margin (nats)", 0.0, 10.0, step=0.25, key="clear_margin",
+                        help="A prompt passes when the wanted object is more likely than the other (the "
+                             "CounterFact rule); a pass by less than this margin of mean log-probability per "
+                             "token is marked ✓? (weak). 1 nat ≈ 2.7× as likely.")
 
 
 def sidebar_status(current: Session | None) -> None:
@@ -288,17 +322,22 @@ _ORDER = ["wait", "stats", "templates", "prepare", "before", "keys", "values", "
 
 
 class Progress:
-    """A progress bar that follows the phases of an edit (``on_phase`` callback)."""
+    """A progress bar that follows the phases of an edit (``on_phase`` callback);
+    ``timed`` adds the seconds since it started, so a long phase is seen to be alive."""
 
-    def __init__(self, start: float = 0.0, end: float = 1.0) -> None:
+    def __init__(self, start: float = 0.0, end: float = 1.0, timed: bool = False) -> None:
         self.bar = st.progress(start, text="Starting…")
         self.start, self.end, self.reached = start, end, start
+        self.started = time.perf_counter() if timed else None
 
     def __call__(self, phase: str) -> None:
         position = _ORDER.index(phase) + 1 if phase in _ORDER else 1
         fraction = self.start + (self.end - self.start) * position / (len(_ORDER) + 1)
         self.reached = max(self.reached, fraction)
-        self.bar.progress(min(self.reached, 1.0), text=PHASES.get(phase, phase))
+        text = PHASES.get(phase, phase)
+        if self.started is not None:
+            text += f" · {time.perf_counter() - self.started:.1f} s"
+        self.bar.progress(min(self.reached, 1.0), text=text)
 
     def waiting(self) -> None:
         self("wait")

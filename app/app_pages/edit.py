@@ -9,11 +9,14 @@ from emmet_core.errors import EditError
 from emmet_core.hparams import EDITOR_NAMES, parse_layers
 from emmet_core.request import EditRequest
 from emmet_core.studio import figures
+from emmet_core.studio.judge import tally
 from emmet_core.studio.workflows import (
     EditReport,
     FactChecks,
+    check_lengths,
     edit_fact,
     format_neighbours,
+    generate_texts,
     parse_lines,
     parse_neighbours,
 )
@@ -40,8 +43,9 @@ def prefill(session: Session) -> dict[str, object]:
     browser's stale values would win."""
     try:
         request = EditRequest(state.prompt, state.subject, "?")
+        check_lengths(request)
     except EditError:
-        return {}
+        return {}  # the Apply button says what is wrong
     done: dict[str, object] = {}
     answer_key = (session.id, session.version, request.text)
     if state.get("_answer_for") != answer_key:
@@ -144,61 +148,90 @@ def advanced(session: Session, algorithm: str) -> dict:
     return values
 
 
-def apply(session: Session, algorithm: str, settings: dict) -> None:
+def cancel() -> None:
+    """The Cancel button: its click interrupts the running edit (Streamlit stops the
+    script at its next call); the session and the shared model stay as they were."""
+    state["_cancelled"] = True
+
+
+def apply(session: Session, algorithm: str, settings: dict) -> bool:
+    """Apply the page's fact; True when it was applied."""
     with common.readable_errors("The edit"):
         request = EditRequest(state.prompt, state.subject, state.target_new, (state.target_true or "").strip() or None)
+        paraphrases, neighbours = parse_lines(state.paraphrases or ""), parse_neighbours(state.neighbours or "")
+        check_lengths(request, paraphrases, neighbours)
         hp = session.hparams(algorithm, **{**settings, "layers": parse_layers(settings["layers"])})
-        checks = FactChecks(parse_lines(state.paraphrases or ""), parse_neighbours(state.neighbours or ""),
-                            gen_tokens=int(state.gen_tokens))
-        started = time.perf_counter()
+        checks = FactChecks(paraphrases, neighbours, gen_tokens=int(state.gen_tokens))
+        st.button("Cancel", key="cancel_edit", on_click=cancel, icon=":material/cancel:",
+                  help="Stops the edit between two steps; nothing is changed.")
         with st.status(f"Applying {ALGORITHMS[algorithm]}…", expanded=True) as status:
-            progress = common.Progress()
+            progress = common.Progress(timed=True)
             try:
                 report = edit_fact(session, request, checks, algorithm, hp, on_phase=progress,
                                    on_wait=progress.waiting)
             except BaseException:
                 status.update(label="The edit was not applied", state="error")
                 raise
-            status.update(label=f"Applied in {time.perf_counter() - started:.1f} s", state="complete")
+            status.update(label=f"Applied: edit {report.seconds['edit']:.1f} s, reading the model "
+                                f"{report.seconds['reading before'] + report.seconds['reading after']:.1f} s",
+                          state="complete", expanded=False)
         state.edit_report = (session.id, report)
-        st.rerun()
+        state["_texts_for"] = id(report) if not common.lecture_mode() else None
+        return True
+    return False
 
 
 def render(report: EditReport, session: Session) -> None:
     request, before, after = report.request, report.before, report.after
+    margin = common.clear_margin()
     st.divider()
     if report.record not in session.records:
         st.info("This edit has been undone; the results below show what it did.")
     st.subheader(f"{request.text} … {request.target_true} → {request.target_new}")
+    if report.already_new:
+        st.warning(f"Before the edit the model already preferred “{request.target_new}” to "
+                   f"“{request.target_true}” on this prompt: the edit proves little here.", icon=":material/info:")
+    paraphrases = tally([p.as_new(margin) for p in after.paraphrases])
+    neighbours = tally([p.as_kept(margin) for p in after.neighbours])
     columns = st.columns(6)
     columns[0].metric(f"P({request.target_new})", common.percent(after.rewrite.p_new),
-                      f"{(after.rewrite.p_new - before.rewrite.p_new) * 100:+.1f} pts")
+                      f"{(after.rewrite.p_new - before.rewrite.p_new) * 100:+.1f} pts",
+                      help=f"Rewrite prompt after the edit: {after.rewrite.as_new(margin).label()} (margin in nats)")
     columns[1].metric(f"P({request.target_true})", common.percent(after.rewrite.p_true),
                       f"{(after.rewrite.p_true - before.rewrite.p_true) * 100:+.1f} pts", delta_color="off")
-    columns[2].metric("Paraphrases passed", f"{report.paraphrases_passed} / {len(after.paraphrases)}")
-    columns[3].metric("Neighbours kept", f"{report.neighbours_kept} / {len(after.neighbours)}")
-    columns[4].metric("‖Δ‖", ", ".join(f"{v:.3g}" for v in report.record.norms.values()))
-    columns[5].metric("Time", f"{report.record.seconds.get('total', 0.0):.1f} s")
+    columns[2].metric("Paraphrases passed", f"{paraphrases['passed']} / {paraphrases['total']}",
+                      f"{paraphrases['weak']} weak" if paraphrases["weak"] else None, delta_color="off",
+                      help=f"✓: the new object more likely; ✓? by less than the clear margin ({margin:g} nats).")
+    columns[3].metric("Neighbours kept", f"{neighbours['passed']} / {neighbours['total']}",
+                      f"{neighbours['weak']} weak" if neighbours["weak"] else None, delta_color="off",
+                      help="Kept: the neighbour's own object still more likely than the new object.")
+    columns[4].metric("‖Δ‖", ", ".join(f"{v:.3g}" for v in report.record.norms.values()),
+                      help="Frobenius norm of the update of each edited layer.")
+    columns[5].metric("Time", f"{report.total_seconds:.1f} s",
+                      help="What you waited: reading the model before, the edit, reading after, the texts.")
     left, right = st.columns(2)
     left.plotly_chart(figures.prompt_chart(before.rewrite, after.rewrite), key="chart_prompt")
+    left.caption("Good: P(new) high after the edit, P(old) low.")
     if after.paraphrases:
-        right.plotly_chart(figures.paraphrase_chart(before.paraphrases, after.paraphrases), key="chart_paraphrases")
+        right.plotly_chart(figures.paraphrase_chart(before.paraphrases, after.paraphrases, margin),
+                           key="chart_paraphrases")
+        right.caption(f"Good: every paraphrase ✓ (new object more likely by ≥ {margin:g} nats per token).")
     else:
         right.info("No paraphrases given: add some above to check that the edit generalises.")
     left, right = st.columns(2)
     if after.neighbours:
-        left.plotly_chart(figures.neighbour_chart(before.neighbours, after.neighbours), key="chart_neighbours")
+        left.plotly_chart(figures.neighbour_chart(before.neighbours, after.neighbours, margin),
+                          key="chart_neighbours")
+        left.caption("Good: bars unchanged; the neighbours keep their own object.")
     else:
         left.info("No neighbours given: add other subjects of the same relation to check that they stay.")
-    if after.texts:
-        right.plotly_chart(figures.entropy_chart(report.generation_prompts, before.entropy, after.entropy),
-                           key="chart_entropy")
-    tables(report)
-    texts(report)
+    entropy_slot = right.empty()
+    tables(report, margin)
+    texts(report, session, entropy_slot)
     numbers(report)
 
 
-def tables(report: EditReport) -> None:
+def tables(report: EditReport, threshold: float) -> None:
     before, after = report.before, report.after
     with st.expander("Probabilities per prompt"):
         rows = [{"kind": kind, "prompt": a.prompt, "object": a.new if kind == "paraphrase" else a.true,
@@ -210,23 +243,59 @@ def tables(report: EditReport) -> None:
                 for b, a in pairs]
         if rows:
             st.dataframe(rows, hide_index=True, column_config={
-                "P before": st.column_config.NumberColumn(format="percent"),
-                "P after": st.column_config.NumberColumn(format="percent")})
+                "P before": st.column_config.NumberColumn(format="%.3g"),
+                "P after": st.column_config.NumberColumn(format="%.3g"),
+                "result": st.column_config.TextColumn(help="✓ clear win, ✓? win by less than the clear margin, "
+                                                           "✗ failed, = the two objects are the same text; "
+                                                           "the number is the margin in nats per token")})
 
 
-def texts(report: EditReport) -> None:
-    if not report.after.texts:
+def texts(report: EditReport, session: Session, entropy_slot) -> None:
+    """The texts before and after, written as they are generated (after the charts)."""
+    if not report.gen_tokens or not report.generation_prompts:
         return
     st.markdown("##### Generated text, before and after (same sampling seed)")
-    for prompt, old, new, h_old, h_new in zip(report.generation_prompts, report.before.texts, report.after.texts,
-                                              report.before.entropy, report.after.entropy):
+    if report.texts_pending and state.get("_texts_for") != id(report):
+        if st.button(f"Write {len(report.generation_prompts)} texts before and after", key="write_texts",
+                     icon=":material/edit_note:"):
+            state["_texts_for"] = id(report)
+        else:
+            st.caption("Lecture mode: texts are written when you ask.")
+            return
+    slots = {}
+    for index, prompt in enumerate(report.generation_prompts):
         left, right = st.columns(2)
-        with left.container(border=True):
-            st.caption(f"Before · entropy {h_old:.2f} bits")
-            st.markdown(f"**{common.escape(prompt)}** {common.escape(old)}")
-        with right.container(border=True):
-            st.caption(f"After · entropy {h_new:.2f} bits")
-            st.markdown(f"**{common.escape(prompt)}** {common.escape(new)}")
+        for side, column in (("before", left), ("after", right)):
+            with column.container(border=True):
+                caption, body = st.empty(), st.empty()
+                slots[side, index] = (caption, body)
+                done = getattr(report, side).texts
+                if done:
+                    caption.caption(f"{side.capitalize()} · entropy {getattr(report, side).entropy[index]:.2f} bits")
+                    body.markdown(f"**{common.escape(prompt)}** {common.escape(done[index])}")
+                else:
+                    caption.caption(f"{side.capitalize()} · waiting")
+                    body.markdown(f"**{common.escape(prompt)}** …")
+    if report.texts_pending:
+        def show(side: str, index: int, text: str) -> None:
+            caption, body = slots[side, index]
+            caption.caption(f"{side.capitalize()} · writing…")
+            body.markdown(f"**{common.escape(report.generation_prompts[index])}** {common.escape(text)} ▌")
+
+        with common.readable_errors("Writing the texts"):
+            generate_texts(session, report, on_text=show)
+        for (side, index), (caption, body) in slots.items():
+            reading = getattr(report, side)
+            if reading.texts:
+                caption.caption(f"{side.capitalize()} · entropy {reading.entropy[index]:.2f} bits")
+                body.markdown(f"**{common.escape(report.generation_prompts[index])}** "
+                              f"{common.escape(reading.texts[index])}")
+    if report.after.texts:
+        with entropy_slot.container():
+            st.plotly_chart(figures.entropy_chart(report.generation_prompts, report.before.entropy,
+                                                  report.after.entropy), key="chart_entropy")
+            st.caption("Good: after ≈ before (the unedited model's is typically 5–6 bits here); a drop means "
+                       "repetitive text.")
 
 
 def numbers(report: EditReport) -> None:
@@ -234,7 +303,8 @@ def numbers(report: EditReport) -> None:
     st.markdown("##### The edit's numbers")
     left, right = st.columns(2)
     left.plotly_chart(figures.norm_chart(record.norms), key="chart_norms")
-    right.plotly_chart(figures.phase_chart(record.seconds), key="chart_phases")
+    right.plotly_chart(figures.phase_chart({**record.seconds, **report.seconds, "total": report.total_seconds}),
+                       key="chart_phases")
     with st.expander("Hyper-parameters used"):
         st.json(record.results[0].hparams.to_dict(), expanded=False)
 
@@ -246,11 +316,16 @@ st.caption("Rewrite one fact inside the model with ROME, MEMIT or EMMET, then se
 fact_inputs(session)
 algorithm = state.get("algorithm") or "rome"
 settings = advanced(session, algorithm)
+if state.pop("_cancelled", False):
+    st.info("The edit was cancelled: nothing was changed.", icon=":material/cancel:")
+applied = False
 if st.button(f"Apply edit with {ALGORITHMS[algorithm]}", type="primary", icon=":material/bolt:", key="apply"):
-    apply(session, algorithm, settings)
+    applied = apply(session, algorithm, settings)
 shown = state.get("edit_report")
 if shown is not None and shown[0] == session.id:
     render(shown[1], session)
+if applied:  # once the texts are written: the sidebar's edit count is drawn before the page
+    st.rerun()
 if state.pop("_answer_pending", False):  # the model was busy: try the old object again shortly
     time.sleep(1.0)
     st.rerun()

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import metrics
 from ..data import EvalRecord
-from ..errors import EditError
+from ..errors import EditError, InvalidRequestError
 from ..evaluate import score_records, summarise
 from ..hparams import HParams
 from ..models import LoadedModel
 from ..readout import generate, greedy_answer, score_targets
-from ..request import EditRequest
+from ..request import EditRequest, quote
 from .judge import CLEAR_MARGIN, Judgement, judge_kept, judge_new
 from .workspace import EditRecord, PhaseCallback, Session, SharedModel
 
@@ -86,6 +87,8 @@ class FactChecks:
         return [request.text, *self.paraphrases][: self.texts]
 
     def read(self, loaded: LoadedModel, requests: list[EditRequest]) -> Reading:
+        """Probabilities on every prompt (fast: the answer to "did it work?"); the texts
+        are generated afterwards by :func:`generate_texts`, outside the edit."""
         (request,) = requests
         missing = [i for i, (_, target) in enumerate(self.neighbours) if not target]
         if missing:
@@ -99,10 +102,7 @@ class FactChecks:
         hood_prompts = [p for p, _ in self.neighbours]
         neighbours = score_prompts(loaded, hood_prompts, [new] * len(hood_prompts),
                                    [t or "" for _, t in self.neighbours])
-        texts: list[str] = []
-        if self.texts and self.gen_tokens:
-            texts = generate(loaded, self.generation_prompts(request), self.gen_tokens, top_k=5, seed=self.seed)
-        return Reading(rewrite, paraphrases, neighbours, texts, [metrics.generation_entropy(t) for t in texts])
+        return Reading(rewrite, paraphrases, neighbours, [], [])
 
 
 @dataclass
@@ -114,6 +114,19 @@ class EditReport:
     before: Reading
     after: Reading
     generation_prompts: list[str]
+    gen_tokens: int = 0
+    seed: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # reading: before, after, texts; "edit": the edit
+
+    @property
+    def texts_pending(self) -> bool:
+        """Texts were asked for and are not generated yet."""
+        return bool(self.gen_tokens and self.generation_prompts and not self.after.texts)
+
+    @property
+    def total_seconds(self) -> float:
+        """What the user waited: reading before, the edit, reading after, the texts."""
+        return sum(self.seconds.values())
 
     @property
     def paraphrases_passed(self) -> int:
@@ -146,15 +159,86 @@ class EditReport:
 
 def edit_fact(session: Session, request: EditRequest, checks: FactChecks, algorithm: str,
               hparams: HParams | None = None, on_phase: PhaseCallback | None = None,
-              on_wait: Callable[[], None] | None = None) -> EditReport:
-    """Apply one fact to the session and read what changed around it."""
-    outcome = session.edit([request], algorithm, hparams=hparams, before=checks.read, after=checks.read,
-                           on_phase=on_phase, on_wait=on_wait)
+              on_wait: Callable[[], None] | None = None, cache_values: bool = False) -> EditReport:
+    """Apply one fact to the session and read its probabilities before and after; the
+    texts (``checks.gen_tokens``) are left to :func:`generate_texts`, so a page can show
+    the answer first."""
+    clock: dict[str, float] = {}
+
+    def timed(name: str):
+        def read(loaded: LoadedModel, requests: list[EditRequest]) -> Reading:
+            started = time.perf_counter()
+            try:
+                return checks.read(loaded, requests)
+            finally:
+                clock[name] = time.perf_counter() - started
+        return read
+
+    outcome = session.edit([request], algorithm, hparams=hparams, before=timed("reading before"),
+                           after=timed("reading after"), on_phase=on_phase, on_wait=on_wait,
+                           cache_values=cache_values)
     prepared = outcome.record.requests[0]
+    seconds = {"reading before": clock["reading before"], "edit": outcome.record.seconds.get("total", 0.0),
+               "reading after": clock["reading after"]}
     report = EditReport(prepared, outcome.record, outcome.before, outcome.after,
-                        checks.generation_prompts(prepared))
+                        checks.generation_prompts(prepared) if checks.texts else [],
+                        checks.gen_tokens, checks.seed, seconds)
     outcome.record.summary = report.summary()
     return report
+
+
+TextCallback = Callable[[str, int, str], None]  # (before|after, prompt index, text so far)
+
+
+def generate_texts(session: Session, report: EditReport, on_text: TextCallback | None = None,
+                   on_wait: Callable[[], None] | None = None) -> None:
+    """Sample the report's texts on the session's weights just before and just after its
+    edit (same seed), one text at a time (the model is released between texts, so other
+    sessions are not held up), and fill in the texts and their generation entropy."""
+    if not report.texts_pending:
+        return
+    started = time.perf_counter()
+    states = dict(zip(("before", "after"), session.around(report.record)))
+    texts: dict[str, list[str]] = {"before": [], "after": []}
+    for index, prompt in enumerate(report.generation_prompts):
+        for side, deltas in states.items():
+            def sample(loaded: LoadedModel, side: str = side, index: int = index, prompt: str = prompt) -> list[str]:
+                stream = None if on_text is None else (lambda text: on_text(side, index, text))
+                return generate(loaded, [prompt], report.gen_tokens, top_k=5, seed=report.seed, on_text=stream)
+            texts[side] += session.run_on(deltas, sample, on_wait)
+    for side, reading in (("before", report.before), ("after", report.after)):
+        reading.texts = texts[side]
+        reading.entropy = [metrics.generation_entropy(t) for t in texts[side]]
+    report.seconds["texts"] = time.perf_counter() - started
+    report.record.summary = report.summary()
+
+
+# What one person may ask of the shared model from a page: enough for any real fact, far
+# from a 5,000-character prompt that would hold the model for everyone.
+MAX_PROMPT_CHARS = 300
+MAX_OBJECT_CHARS = 80
+MAX_CHECKS = 10  # paraphrases, and neighbours
+
+
+def check_lengths(request: EditRequest, paraphrases: Sequence[str] = (),
+                  neighbours: Sequence[tuple[str, str | None]] = ()) -> None:
+    """Refuse over-long inputs with a short message (the text is never echoed whole)."""
+    def refuse(what: str, text: str, limit: int) -> None:
+        if len(text) > limit:
+            raise InvalidRequestError(f"{what} is {len(text):,} characters long; at most {limit} here "
+                                      f"({quote(text, 40)})")
+
+    refuse("the prompt", request.text, MAX_PROMPT_CHARS)
+    refuse("the new object", request.target_new, MAX_OBJECT_CHARS)
+    refuse("the old object", request.target_true or "", MAX_OBJECT_CHARS)
+    for kind, count in (("paraphrases", len(paraphrases)), ("neighbours", len(neighbours))):
+        if count > MAX_CHECKS:
+            raise InvalidRequestError(f"{count} {kind}; at most {MAX_CHECKS} per edit")
+    for line in paraphrases:
+        refuse("a paraphrase", line, MAX_PROMPT_CHARS)
+    for prompt, target in neighbours:
+        refuse("a neighbour prompt", prompt, MAX_PROMPT_CHARS)
+        refuse("a neighbour's object", target or "", MAX_OBJECT_CHARS)
 
 
 def parse_lines(text: str) -> list[str]:

@@ -173,6 +173,21 @@ class Session:
         with self.active(on_wait, timeout) as loaded:
             return work(loaded)
 
+    def around(self, record: EditRecord) -> tuple[list[Delta], list[Delta]]:
+        """This session's changes just before ``record`` and just after it, so what the
+        edit did can still be read (e.g. its texts generated) after later page runs."""
+        index = next((i for i, kept in enumerate(self.records) if kept is record), None)
+        if index is None:
+            raise InvalidRequestError("that edit is no longer in this session (undone or reset)")
+        before = [d for kept in self.records[:index] for d in kept.deltas]
+        return before, before + record.deltas
+
+    def run_on(self, deltas: Sequence[Delta], work: Callable[[LoadedModel], T],
+               on_wait: Callable[[], None] | None = None, timeout: float | None = None) -> T:
+        """``work(loaded)`` on the original weights plus ``deltas`` (from :meth:`around`)."""
+        with self.shared.holding(deltas, on_wait, timeout) as loaded:
+            return work(loaded)
+
     def answer(self, prompts: list[str], timeout: float | None = None) -> list[str]:
         """What this session's model says after each prompt (its greedy answer)."""
         return self.run(lambda loaded: greedy_answer(loaded, prompts), timeout=timeout)
