@@ -238,7 +238,11 @@ def cmd_edit(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     loaded = load(args)
     load_seconds = time.perf_counter() - started
-    editor = Editor(loaded, on_phase=lambda phase: print(f"[emmet] {phase}", file=sys.stderr))
+    def tell(phase: str) -> None:  # phase names only; the steps inside a phase are for progress bars
+        if ":" not in phase:
+            print(f"[emmet] {phase}", file=sys.stderr)
+
+    editor = Editor(loaded, on_phase=tell)
     hp = editor.hparams(args.algo, **given)
     batch = editor.prepare(editor.check(hp, requests))
     prompts = [r.text for r in batch]

@@ -114,6 +114,17 @@ class _Timer:
         self.seconds: dict[str, float] = {}
         self.on_phase = on_phase
 
+    def detail(self, name: str, text: str) -> None:
+        """Progress inside a phase, told as ``"name: text"`` (e.g. ``values: step 3/25``)."""
+        if self.on_phase is not None:
+            self.on_phase(f"{name}: {text}")
+
+    def value_steps(self, prefix: str = "") -> Callable[[int, int, int], None]:
+        """The value optimisation's ``on_step``, told as details of the values phase."""
+        def tell(step: int, steps: int, optimising: int) -> None:
+            self.detail("values", f"{prefix}step {step}/{steps}, {optimising} fact(s) still optimising")
+        return tell
+
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         if self.on_phase is not None:
@@ -337,19 +348,20 @@ class Editor:
         return hp.layers[-1], "mlp" if at_mlp else "residual"
 
     def _values(self, batch: list[EditRequest], templates: list[str], layer: int, site: str, hp: HParams,
-                cached: bool):
+                cached: bool, on_step: Callable[[int, int, int], None] | None = None):
         if cached:
-            return cached_values(self.loaded, batch, templates, layer, site, hp.values)
-        return compute_values(self.loaded, batch, templates, layer, site, hp.values)
+            return cached_values(self.loaded, batch, templates, layer, site, hp.values, on_step=on_step)
+        return compute_values(self.loaded, batch, templates, layer, site, hp.values, on_step=on_step)
 
     def _rome(self, batch: list[EditRequest], hp: HParams, covs: dict[int, torch.Tensor], templates: list[str],
               result: EditResult, timer: _Timer, cached: bool) -> None:
         (layer,) = hp.layers
-        for request in batch:
+        for number, request in enumerate(batch, start=1):
             with timer.phase("keys"):
                 key, plain = compute_keys(self.loaded, [request], templates, layer, mode="mean")
             with timer.phase("values"):
-                values = self._values([request], templates, layer, "mlp", hp, cached)
+                facts = f"fact {number}/{len(batch)}, " if len(batch) > 1 else ""
+                values = self._values([request], templates, layer, "mlp", hp, cached, timer.value_steps(facts))
                 cached = False  # the next fact sees the weights this one changes
             with timer.phase("solve"):  # on the device of the layer, where C0 is
                 here = covs[layer].device
@@ -371,7 +383,7 @@ class Editor:
         z_layer, site = self._value_site(hp)
         at_mlp = site == "mlp"
         with timer.phase("values"):
-            values = self._values(batch, templates, z_layer, site, hp, cached)
+            values = self._values(batch, templates, z_layer, site, hp, cached, timer.value_steps())
         targets = values.values.T.to(torch.float64)  # (d, N)
         result.value_loss_before = values.loss_before.tolist()
         result.value_loss_after = values.loss_after.tolist()

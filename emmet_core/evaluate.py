@@ -71,14 +71,19 @@ def _nll(scores: list) -> list[float]:
 
 
 def _counterfact(groups: dict[str, tuple[list, list]]) -> dict[str, float]:
+    """ES/PS/NS, their magnitudes, and the mean margin of each (``ES_margin``…: mean
+    per-token NLL of the losing object minus the winning one's, in nats, positive when
+    the prompt goes the metric's way) so a win by a hair can be told from a clear one."""
     row: dict[str, float] = {}
     for group, (name, mag) in {"rewrite": ("ES", "EM"), "paraphrase": ("PS", "PM")}.items():
         if group in groups:
             new, true = map(_nll, groups[group])
             row[name], row[mag] = metrics.success(new, true), metrics.magnitude(new, true)
+            row[f"{name}_margin"] = fmean(t - n for n, t in zip(new, true))
     if "neighborhood" in groups:
         new, true = map(_nll, groups["neighborhood"])
         row["NS"], row["NM"] = metrics.kept(new, true), -metrics.magnitude(new, true)
+        row["NS_margin"] = fmean(n - t for n, t in zip(new, true))
     row["S"] = metrics.harmonic_mean(*(row[k] for k in ("ES", "PS", "NS") if k in row))
     return row
 

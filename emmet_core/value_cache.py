@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from .diskcache import digest, tensors_sha, write_atomic
 from .models import LoadedModel, cache_dir
 from .request import EditRequest
-from .values import PER_FACT, ValueConfig, ValueResult, compute_values
+from .values import PER_FACT, StepCallback, ValueConfig, ValueResult, compute_values
 
 
 def group_key(loaded: LoadedModel, layer: int, site: str, config: ValueConfig, templates: list[str]) -> str:
@@ -45,6 +45,7 @@ def cached_values(
     config: ValueConfig,
     root: Path | None = None,
     progress: Callable[[int], object] | None = None,
+    on_step: StepCallback | None = None,
 ) -> ValueResult:
     """:func:`values.compute_values`, optimising only the facts not cached yet
     (``progress`` hears of the cached ones at once)."""
@@ -57,7 +58,8 @@ def cached_values(
     if progress is not None and found:
         progress(len(found))
     if todo:
-        fresh = compute_values(loaded, [requests[i] for i in todo], templates, layer, site, config, progress)
+        fresh = compute_values(loaded, [requests[i] for i in todo], templates, layer, site, config, progress,
+                               on_step)
         steps = fresh.steps
         folder.mkdir(parents=True, exist_ok=True)
         host = {name: getattr(fresh, name).detach().float().cpu() for name in PER_FACT}  # one copy per field

@@ -235,6 +235,9 @@ def _losses(loaded: LoadedModel, batch: _Batch, n: int, cache, kl_init: torch.Te
     return nll, kl, misses, kl_logp
 
 
+StepCallback = Callable[[int, int, int], object]  # (step, steps, facts still optimising)
+
+
 def compute_values(
     loaded: LoadedModel,
     requests: list[EditRequest],
@@ -243,6 +246,7 @@ def compute_values(
     site: str,
     config: ValueConfig,
     progress: Callable[[int], object] | None = None,
+    on_step: StepCallback | None = None,
 ) -> ValueResult:
     """Optimise δ for every fact; ``site`` is "mlp" (ROME) or "residual" (MEMIT/EMMET).
 
@@ -250,7 +254,8 @@ def compute_values(
     fact has its own loss, the grouping does not change the result. Facts with equally
     long suffixes (tokens from the subject's last one to the end of the target) share a
     pass, so that little of it is padding; results come back in request order.
-    ``progress(k)`` is called as each pass of k facts is done.
+    ``progress(k)`` is called as each pass of k facts is done; ``on_step(step, steps,
+    optimising)`` after every optimisation step (how many facts have not stopped yet).
     """
     sizer = PassSizer(len(templates) + 1, _devices(loaded), config.rows_per_pass)
     lengths = [_suffix_tokens(loaded, r) for r in requests]
@@ -260,7 +265,7 @@ def compute_values(
     while done < len(order):
         chunk = order[done : done + sizer.next_size([lengths[i] for i in order[done:]])]
         part = sizer.run(lambda chunk=chunk: _optimise(loaded, [requests[i] for i in chunk], templates, layer,
-                                                       site, config), len(chunk), lengths[chunk[-1]])
+                                                       site, config, on_step), len(chunk), lengths[chunk[-1]])
         if part is None:  # out of memory: the sizer halved its passes, try again
             continue
         parts.append(part)
@@ -296,6 +301,7 @@ def _optimise(
     layer: int,
     site: str,
     config: ValueConfig,
+    on_step: StepCallback | None = None,
 ) -> ValueResult:
     adapter, n = loaded.adapter, len(requests)
     batch = _build(loaded, requests, templates)
@@ -310,11 +316,12 @@ def _optimise(
                 nll0, _, _, kl_init = _losses(loaded, batch, n, cache, None)
             require_finite(nll0, "the target loss")
         replay = reuse_lower_layers(adapter.layers, upto, low[0]) if upto > 0 else nullcontext()
-        return _steps(loaded, batch, module, replay, cache, v_init, nll0, kl_init, config)
+        return _steps(loaded, batch, module, replay, cache, v_init, nll0, kl_init, config, on_step)
 
 
 def _steps(loaded: LoadedModel, batch: _Batch, module: torch.nn.Module, replay, cache, v_init: torch.Tensor,
-           nll0: torch.Tensor, kl_init: torch.Tensor, config: ValueConfig) -> ValueResult:
+           nll0: torch.Tensor, kl_init: torch.Tensor, config: ValueConfig,
+           on_step: StepCallback | None = None) -> ValueResult:
     """Adam on δ (one row per fact) with per-fact early stop and norm clamp."""
     n = len(v_init)
     delta = torch.zeros_like(v_init, requires_grad=True)
@@ -334,7 +341,10 @@ def _steps(loaded: LoadedModel, batch: _Batch, module: torch.nn.Module, replay, 
                 active &= misses.to(delta.device) > 0
             if debug:
                 log.debug("step %d loss %s", steps, loss.detach().tolist())
-            if steps == config.steps or not active.any():  # the one read-back a step needs
+            optimising = int(active.sum())  # the one read-back a step needs
+            if on_step is not None:
+                on_step(steps, config.steps, optimising)
+            if steps == config.steps or not optimising:
                 break
             frozen = delta.detach().clone()
             optimizer.zero_grad()

@@ -197,6 +197,16 @@ def test_batch_page_with_an_uploaded_file(tiny_app):
         "The mother tongue of Danielle Darrieux is", "Toko Yasuda plays the"]
     records = session_of(at, tiny_app).records
     assert len(records) == 1 and records[0].label == "EMMET batch of 2 facts"
+    # Every mark carries its margin, and the marks agree with the metrics and the threshold.
+    report = at.session_state["batch_report"][1]
+    rows = at.dataframe[0].value.to_dict("records")
+    margin = at.session_state["clear_margin"]
+    for row, after, before in zip(rows, report.after, report.before):
+        verdict = row["ES"].split(" → ")[1]
+        assert (after["ES"] == 1.0) == (after["ES_margin"] > 0)
+        assert ("✗" in verdict) == (after["ES_margin"] <= 0)
+        assert ("✓?" in verdict) == (0 < after["ES_margin"] < margin)
+        assert row["known before"] == ("yes" if before["ES"] == 1.0 else "")
 
 
 @pytest.mark.parametrize("name, data, message", [

@@ -12,6 +12,7 @@ from emmet_core.data import EvalRecord
 from emmet_core.errors import InvalidRequestError
 from emmet_core.hparams import EDITOR_NAMES
 from emmet_core.studio import figures
+from emmet_core.studio.judge import judge
 from emmet_core.studio.uploads import MAX_FACTS
 from emmet_core.studio.workflows import BatchReport, run_batch
 from emmet_core.studio.workspace import Session
@@ -24,7 +25,7 @@ def run(session: Session, records: list[EvalRecord], algorithm: str, chunk: int,
     with common.readable_errors("The batch"):
         if not records:
             raise InvalidRequestError("no facts to edit")
-        progress = common.Progress()
+        progress = common.Progress(timed=True)
         chunks = st.empty()
         report = run_batch(session, records, algorithm, chunk_size=chunk or None, gen_tokens=gen_tokens,
                            on_phase=progress, on_wait=progress.waiting,
@@ -43,35 +44,62 @@ def csv_text(report: BatchReport) -> str:
     return buffer.getvalue()
 
 
-def table(report: BatchReport) -> list[dict]:
-    """Per fact, the success metrics before → after (the downloads have everything)."""
+def mark(row: dict[str, float], metric: str, margin: float) -> str:
+    """The metric after the edit with its judgement: ✓/✓?/✗ on the fact's mean margin."""
+    verdict = judge(0.0, row.get(f"{metric}_margin", 0.0), threshold=margin)
+    return f"{row[metric]:.0%} {verdict.label()}"
+
+
+def table(report: BatchReport, margin: float) -> list[dict]:
+    """Per fact: known before?, then each metric after the edit with its margin (the
+    downloads have everything)."""
     out = []
     for record, pre, post in zip(report.records, report.before, report.after):
         row = {"case": str(record.case_id), "prompt": record.request.text, "old": record.request.target_true,
-               "new": record.request.target_new}
+               "new": record.request.target_new, "known before": "yes" if pre.get("ES") == 1.0 else ""}
         for metric in ("ES", "PS", "NS"):
             if metric in post:
-                row[metric] = f"{pre.get(metric, float('nan')):.0%} → {post[metric]:.0%}"
+                row[metric] = f"{pre.get(metric, float('nan')):.0%} → {mark(post, metric, margin)}"
         out.append(row)
     return out
+
+
+def weak_wins(rows: list[dict[str, float]], metric: str, margin: float) -> int:
+    """Facts whose metric passed on average by less than the clear margin."""
+    return sum(judge(0.0, r[f"{metric}_margin"], threshold=margin).outcome == "weak"
+               for r in rows if f"{metric}_margin" in r)
 
 
 def render(report: BatchReport) -> None:
     st.divider()
     pre, post = report.summary_before, report.summary_after
+    margin = common.clear_margin()
     st.subheader(f"{report.record.label}")
+    known = sum(r.get("ES") == 1.0 for r in report.before)
+    if known:
+        st.warning(f"{known} of {len(report.records)} facts were already answered the new way before the edit "
+                   "(marked 'known before'): their success proves little.", icon=":material/info:")
     columns = st.columns(5)
     for column, metric in zip(columns, ("ES", "PS", "NS", "S", "GE")):
         if metric in post:
             unit = " bits" if metric == "GE" else ""
             change = post[metric] - pre.get(metric, 0.0)
-            column.metric(metric, f"{post[metric]:.1f}{unit}", f"{change:+.1f}" if abs(change) >= 0.05 else None)
+            weak = weak_wins(report.after, metric, margin) if metric in ("ES", "PS", "NS") else 0
+            column.metric(metric, f"{post[metric]:.1f}{unit}", f"{change:+.1f}" if abs(change) >= 0.05 else None,
+                          help=f"{weak} of the facts pass by less than the clear margin ({margin:g} nats)"
+                          if weak else None)
+            if weak:
+                column.caption(f"{weak} weak (✓?)")
     left, right = st.columns([1, 1])
     left.plotly_chart(figures.summary_chart(pre, post), key="batch_summary")
     labels = [f"{r.request.subject} → {r.request.target_new}" for r in report.records]
     right.plotly_chart(figures.batch_success_chart(labels, report.before, report.after), key="batch_success")
-    st.dataframe(table(report), hide_index=True, column_config={
-        m: st.column_config.TextColumn(help=f"{m} before → after") for m in ("ES", "PS", "NS")})
+    st.caption("Good: ES and PS near 100 with clear margins (✓, not ✓?), NS near its value before the edit, "
+               "GE within about 0.3 bits of before.")
+    st.dataframe(table(report, margin), hide_index=True, column_config={
+        m: st.column_config.TextColumn(help=f"{m} before → after, then the judgement on the fact's mean margin "
+                                            "(nats per token; ✓? passes by less than the clear margin)")
+        for m in ("ES", "PS", "NS")})
     left, right = st.columns(2)
     left.download_button("Download results (JSON)", json.dumps(report.to_dict(), indent=2, ensure_ascii=False),
                          file_name="emmet-batch.json", mime="application/json", icon=":material/download:",

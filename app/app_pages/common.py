@@ -331,10 +331,11 @@ class Progress:
         self.started = time.perf_counter() if timed else None
 
     def __call__(self, phase: str) -> None:
+        phase, _, detail = phase.partition(": ")  # "values: step 3/25, …" is progress inside a phase
         position = _ORDER.index(phase) + 1 if phase in _ORDER else 1
         fraction = self.start + (self.end - self.start) * position / (len(_ORDER) + 1)
         self.reached = max(self.reached, fraction)
-        text = PHASES.get(phase, phase)
+        text = PHASES.get(phase, phase) + (f" ({detail})" if detail else "")
         if self.started is not None:
             text += f" · {time.perf_counter() - self.started:.1f} s"
         self.bar.progress(min(self.reached, 1.0), text=text)
