@@ -198,7 +198,7 @@ def render(report: EditReport, session: Session) -> None:
     numbers(report)
 
 
-def tables(report: EditReport) -> None:
+def tables(report: EditReport, threshold: float = figures.CLEAR_MARGIN) -> None:
     before, after = report.before, report.after
     with st.expander("Probabilities per prompt"):
         rows = [{"kind": kind, "prompt": a.prompt, "object": a.new if kind == "paraphrase" else a.true,
