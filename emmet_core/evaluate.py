@@ -14,6 +14,9 @@ from .models import LoadedModel
 from .readout import generate, score_targets
 
 METRICS = ("ES", "PS", "NS", "EM", "PM", "NM", "GE", "S")
+# Per CounterFact record: the mean margin of the rewrite, paraphrase and neighbour
+# prompts, in nats (see :func:`_counterfact`).
+MARGINS = ("ES_margin", "PS_margin", "NS_margin")
 
 
 def _groups(record: EvalRecord) -> list[tuple[str, list[str], str, list[str]]]:
@@ -37,7 +40,8 @@ def score_records(
     batch_size: int = 32,
 ) -> list[dict[str, float]]:
     """Per-record metrics (fractions, not ×100). CounterFact: ES PS NS EM PM NM S and GE
-    for the records ``generation`` selects (all, none, or one flag per record). zsRE:
+    for the records ``generation`` selects (all, none, or one flag per record), and the
+    :data:`MARGINS` of the same readings. zsRE:
     token accuracy on rewrite (ES), paraphrase (PS) and neighbourhood (NS, against the
     neighbourhood's own answer)."""
     prompts, new, true, where = [], [], [], []

@@ -12,6 +12,8 @@ from emmet_core.errors import InvalidRequestError
 from emmet_core.hparams import parse_layers
 from emmet_core.studio import figures
 from emmet_core.studio.anatomy import numerical_rank, picture, spectrum
+from emmet_core.studio.comparison import CompareRun, Tracker, fact_table, summary_table
+from emmet_core.studio.judge import CLEAR_MARGIN
 from emmet_core.studio.suggest import RelationIndex, generic_paraphrases, suggest
 from emmet_core.studio.uploads import UploadError, parse_upload
 from emmet_core.studio.workflows import CompareRow, PromptScore, format_neighbours, parse_lines, parse_neighbours
@@ -159,6 +161,70 @@ def test_figures_carry_the_numbers():
     scores = figures.compare_scores_chart(rows)
     assert [t.name for t in scores.data] == ["unedited", "ROME"]  # the failed editor has no bars
     assert figures.compare_details_chart(rows).data[3].y == (3.0,)
+
+
+def test_margin_chart_per_editor_with_the_clear_margin_line():
+    facts = [{"editor": "unedited", "repeat": 1, "case_id": 7, "prompt": "p0", "ES_margin": -1.5,
+              "PS_margin": -0.5, "NS_margin": 2.0},
+             {"editor": "rome", "repeat": 1, "case_id": 7, "prompt": "p0", "ES_margin": 3.0,
+              "PS_margin": 0.4},
+             {"editor": "rome", "repeat": 2, "case_id": 7, "prompt": "p0", "ES_margin": 2.5},
+             {"editor": "memit", "repeat": 1, "case_id": 7, "prompt": "p0", "error": "refused"}]
+    chart = figures.margin_chart(facts, threshold=0.5)
+    assert [t.name for t in chart.data] == ["rewrite prompt", "paraphrases (mean)", "neighbours (mean, own object)"]
+    assert chart.data[0].x == ("unedited", "ROME", "ROME") and chart.data[0].y == (-1.5, 3.0, 2.5)
+    assert chart.data[1].y == (-0.5, 0.4) and chart.data[2].y == (2.0,)  # missing margins are left out
+    assert chart.data[0].text[2] == "case 7 · repeat 2: p0"
+    assert [(s.y0, s.y1) for s in chart.layout.shapes] == [(0, 0), (0.5, 0.5)]
+    assert chart.layout.annotations[0].text == "clear margin 0.5 nats"
+    assert figures.margin_chart(facts).layout.shapes[1].y0 == CLEAR_MARGIN
+
+
+def fact(case: int, es: float, margin: float, judgement: str) -> dict:
+    return {"case_id": case, "prompt": f"prompt {case}", "target_new": "new", "target_true": "old", "ES": es,
+            "ES_margin": margin, "judgement": judgement, "p_new": 0.5, "p_true": 0.1}
+
+
+def test_comparison_tables_show_mean_and_spread_and_never_none():
+    def rows(es: float, norm: float) -> list[CompareRow]:
+        return [CompareRow("unedited", {"ES": 0.0}, [0.1, 0.2], [0.5, 0.4],
+                           per_fact=[fact(0, 0.0, -1.0, "fail"), fact(1, 0.0, -2.0, "fail")]),
+                CompareRow("rome", {"ES": es}, [0.9, 0.8], [0.1, 0.1], {3: norm}, {"total": 2.0}, [3],
+                           per_fact=[fact(0, 100.0, 2.5, "pass"), fact(1, es * 2 - 100, 0.3, "weak")]),
+                CompareRow("memit", error="refused")]
+    run = CompareRun("tiny", ["rome", "memit"], [0, 1], [rows(100.0, 3.0), rows(50.0, 5.0)])
+    summary = {row["editor"]: row for row in summary_table(run)}
+    assert summary["ROME"]["ES"] == "75.0 ± 35.4" and summary["ROME"]["‖Δ‖"] == "4 ± 1.41"
+    assert summary["ROME"]["‖Δ‖ by layer"] == "3: 4" and summary["ROME"]["margin"] == "+1.40 ± 0.00"
+    assert summary["unedited"]["‖Δ‖"] == summary["unedited"]["seconds"] == summary["unedited"]["layers"] == "–"
+    assert summary["MEMIT"]["ES"] == "–" and summary["MEMIT"]["note"] == "refused"
+    assert not any(value is None or "None" in value for row in summary.values() for value in row.values())
+    table = fact_table(run)
+    assert len(table) == 2 * 3 * 2 and table[2]["rewrite"] == "✓ +2.50" and table[3]["rewrite"] == "✓? +0.30"
+    assert table[4]["note"] == "refused" and table[4]["rewrite"] == table[4]["ES"] == "–"
+    relabelled = [row["rewrite"] for row in fact_table(run, threshold=0.2)][:4]
+    assert relabelled == ["✗ -1.00", "✗ -2.00", "✓ +2.50", "✓ +0.30"]  # the margin judged against another line
+    assert not any(value is None or "None" in value for row in table for value in row.values())
+    means = run.mean_rows()
+    assert means[1].metrics["ES"] == 75.0 and means[1].norms == {3: 4.0} and means[2].error == "refused"
+    single = CompareRun("tiny", ["rome", "memit"], [0], [rows(100.0, 3.0)])
+    assert summary_table(single)[1]["ES"] == "100.0"  # one repeat: no spread to show
+
+
+def test_progress_text_follows_repeats_editors_and_rome_facts():
+    tracker = Tracker(["rome", "emmet"], repeats=2, facts=3, seed=5)
+    tracker.on_step("unedited")
+    assert tracker.text() == "Repeat 1 of 2 (seed 5) · **reading the unedited model** on 3 facts"
+    assert tracker.span == (0.0, 1 / 6)
+    tracker.on_step("rome")
+    for phase in ("prepare", "keys", "values", "solve", "keys"):
+        tracker.on_phase(phase)
+    assert tracker.text().endswith("**ROME** (editor 1 of 2) · fact 2 of 3")
+    tracker.on_step("emmet")
+    tracker.on_phase("keys")
+    assert tracker.text().endswith("**EMMET** (editor 2 of 2) · all 3 facts in one solve")
+    tracker.on_step("unedited")
+    assert tracker.text().startswith("Repeat 2 of 2 (seed 6)") and tracker.span == (0.5, 4 / 6)
 
 
 def test_anatomy_of_a_rank_one_update():

@@ -3,6 +3,8 @@ GPT-2 saved to disk and opened by path, exactly as a user would open a local mod
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -176,8 +178,69 @@ def test_compare_page_runs_each_editor_from_the_original_weights(tiny_app):
     assert not at.exception and not at.error
     table = at.dataframe[0].value
     assert list(table["editor"]) == ["unedited", "ROME", "MEMIT", "EMMET"]
-    assert table["ES"].notna().all() and {"compare_scores", "compare_details"} <= set(charts(at))
+    assert table["ES"].notna().all() and {"compare_scores", "compare_details", "compare_margins"} <= set(charts(at))
+    assert table["‖Δ‖"].iloc[0] == "–" and not table.isin(["None"]).any().any()  # unedited: no update
     assert len(session_of(at, tiny_app).records) == 1  # the comparison kept nothing
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "counterfact").is_dir(), reason="shared CounterFact data not present")
+def test_compare_page_on_sampled_counterfact_facts_with_repeats(tiny_app):
+    at = app().switch_page("app_pages/compare.py").run()
+    at.radio(key="compare_source").set_value("Sample from CounterFact").run()
+    at.number_input(key="compare_n").set_value(3)
+    at.pills(key="compare_algorithms").set_value(["rome", "emmet"])
+    at.number_input(key="compare_gen_tokens").set_value(0)
+    at.number_input(key="compare_repeats").set_value(2)
+    at.button(key="run_compare").click().run()
+    assert not at.exception and not at.error
+    run = at.session_state["compare_run"]
+    assert run.seeds == [0, 1] and [[r.algorithm for r in rows] for rows in run.repeats] == [
+        ["unedited", "rome", "emmet"]] * 2
+    for rows in run.repeats:
+        for row in rows:
+            assert row.error is None and len(row.per_fact) == 3
+            for metric in ("ES", "PS", "NS", "EM", "PM", "NM"):  # each mean is the mean of the facts
+                assert row.metrics[metric] == pytest.approx(sum(f[metric] for f in row.per_fact) / 3)
+    summary, per_fact = at.dataframe[0].value, at.dataframe[1].value
+    assert list(summary["editor"]) == ["unedited", "ROME", "EMMET"] and not summary.isin(["None"]).any().any()
+    es = [row.metrics["ES"] for row in run.rows_of("rome")]  # mean ± sample std over the two repeats
+    assert summary["ES"].iloc[1] == f"{sum(es) / 2:.1f} ± {abs(es[0] - es[1]) / 2 ** 0.5:.1f}"
+    assert len(per_fact) == 3 * 3 * 2
+    margins = charts(at)["compare_margins"]["data"]
+    assert margins[0]["name"] == "rewrite prompt" and len(margins[0]["y"]) == 3 * 3 * 2
+    assert [b.label for b in at.get("download_button")] == [
+        "Download everything (JSON)", "Download per-fact and mean rows (CSV)"]
+    # What the two buttons hold (the page passes exactly these): every fact × editor × repeat.
+    cases = {f["case_id"] for f in run.repeats[0][0].per_fact}
+    lines = [line for line in csv.DictReader(io.StringIO(run.to_csv())) if line["row"] == "fact"]
+    assert len(cases) == 3 and {(x["editor"], x["repeat"], x["case_id"]) for x in lines} == {
+        (e, str(r), str(c)) for e in ("unedited", "rome", "emmet") for r in (1, 2) for c in cases}
+    saved = json.loads(run.to_json())
+    assert saved["facts"]["source"] == "Sample from CounterFact" and saved["facts"]["sampled"] == 3
+    assert saved["model"] == tiny_app["name"] and saved["runs"][1]["rows"][2]["hparams"]["seed"] == 1
+    assert sum(len(row["per_fact"]) for r in saved["runs"] for row in r["rows"]) == 3 * 3 * 2
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda at: at.radio(key="compare_source").set_value("Upload a file"), "choose at least one fact"),
+    (lambda at: at.pills(key="compare_algorithms").set_value([]), "choose at least one editor"),
+    (lambda at: at.multiselect(key="compare_facts").set_value([]), "choose at least one fact"),
+])
+def test_compare_page_explains_what_is_missing(tiny_app, setup, message):
+    at = app().switch_page("app_pages/compare.py").run()
+    setup(at)
+    at.run().button(key="run_compare").click().run()
+    assert not at.exception and [e.value for e in at.error] == [f"The comparison: {message}"]
+    assert "compare_run" not in at.session_state and not at.get("plotly_chart")
+
+
+def test_compare_page_explains_a_bad_file(tiny_app):
+    at = app().switch_page("app_pages/compare.py").run()
+    at.radio(key="compare_source").set_value("Upload a file").run()
+    at.file_uploader(key="compare_file").set_value(("facts.json", b"[{", "application/json"))
+    at.run().button(key="run_compare").click().run()
+    assert not at.exception and at.error[0].value.startswith("Reading facts.json")
+    assert any("not valid JSON" in e.value for e in at.error) and "compare_run" not in at.session_state
 
 
 def upload(at: AppTest, name: str, data: bytes) -> AppTest:

@@ -4,6 +4,7 @@ comparison runs."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import threading
@@ -19,6 +20,7 @@ from emmet_core.models import prepare
 from emmet_core.readout import generate
 from emmet_core.request import EditRequest
 from emmet_core.studio.anatomy import pictures
+from emmet_core.studio.comparison import compare_repeats
 from emmet_core.studio.workflows import FactChecks, compare, edit_fact, generate_texts, record_for, run_batch
 from emmet_core.studio.workspace import Session, SharedModel
 
@@ -240,6 +242,52 @@ def test_compare_starts_every_editor_from_the_original_weights(shared):
     assert rows[1].p_new[0] != rows[0].p_new[0] and rows[1].delta_norm > 0
     assert session.run(lambda loaded: same_weights(loaded.model, mine)) and len(session.records) == 1
     assert same_weights(shared.loaded.model, original)
+
+
+def test_compare_repeats_keeps_every_fact_and_spreads_over_seeds(shared):
+    records = [record_for(r, [f"Indeed, {r.text}"], [("The mother tongue of Michel Rocard is", "French")], i)
+               for i, r in enumerate([DARRIEUX, ROCARD, TOKO])]
+    session = Session(shared)
+    settings = {a: hp(session, a, shared.corpus) for a in ("rome", "emmet", "memit")}
+    settings["memit"] = settings["memit"].replace(layers=(9,))  # refused in every repeat
+    run = compare_repeats(shared, records, ["rome", "emmet", "memit"], repeats=2, seed=3, gen_tokens=4,
+                          hparams=settings, source={"source": "test"})
+    assert run.seeds == [3, 4] and run.facts == 3 and run.editors == ["unedited", "rome", "emmet", "memit"]
+    for seed, rows in zip(run.seeds, run.repeats):
+        assert [r.seed for r in rows] == [seed] * 4 and [r.hparams.get("seed") for r in rows[1:3]] == [seed] * 2
+        for row in rows[:3]:
+            assert [f["case_id"] for f in row.per_fact] == [0, 1, 2]
+            for metric in ("ES", "PS", "NS", "EM", "PM", "NM", "GE"):  # the means are the mean of the facts
+                assert row.metrics[metric] == pytest.approx(sum(f[metric] for f in row.per_fact) / 3)
+            for fact in row.per_fact:  # the judgement, its margin and ES say the same
+                assert (fact["judgement"] in ("pass", "weak")) == (fact["ES"] == 100.0) == (fact["ES_margin"] > 0)
+        assert "out of range" in rows[3].error and rows[3].per_fact == []
+    rome = run.rows_of("rome")
+    assert rome[0].norms != rome[1].norms  # another seed, other context templates, another update
+    unedited = run.rows_of("unedited")
+    assert unedited[0].metrics["ES"] == unedited[1].metrics["ES"]  # the facts and the weights are the same
+    new, true = Session(shared).run(lambda loaded: score_targets(loaded, [DARRIEUX.text] * 2, ["English", "French"]))
+    assert unedited[0].per_fact[0]["ES_margin"] == pytest.approx(true.mean_nll - new.mean_nll, abs=1e-4)
+    summary = run.summary()
+    assert summary["rome"]["ES"]["n"] == 2 and summary["rome"]["delta_norm"]["std"] > 0
+    assert "delta_norm" not in summary["unedited"] and summary["memit"] == {}
+    facts = run.fact_rows()
+    assert len(facts) == 3 * 4 * 2 and {(f["editor"], f["repeat"], f["case_id"]) for f in facts} == {
+        (e, r, c) for e in run.editors for r in (1, 2) for c in range(3)}
+    assert all(f["error"] for f in facts if f["editor"] == "memit")
+    lines = list(csv.DictReader(io.StringIO(run.to_csv())))
+    assert len(lines) == 3 * 4 * 2 + 4 * 2 and {line["row"] for line in lines} == {"fact", "mean"}
+    mean = next(line for line in lines if line["row"] == "mean" and line["editor"] == "rome" and line["seed"] == "4")
+    assert json.loads(mean["hparams"])["seed"] == 4 and float(mean["ES"]) == pytest.approx(rome[1].metrics["ES"])
+    saved = json.loads(run.to_json())
+    assert saved["facts"] == {"source": "test", "count": 3} and saved["seeds"] == [3, 4]
+    assert "python" in saved["versions"] and saved["summary"]["rome"]["ES"]["n"] == 2
+    assert len(saved["runs"][1]["rows"][1]["per_fact"]) == 3
+    for bad in (0, 6, 1.5):
+        with pytest.raises(InvalidRequestError, match="repeats"):
+            compare_repeats(shared, records, ["rome"], repeats=bad)
+    with pytest.raises(InvalidRequestError, match="editor"):
+        compare_repeats(shared, records, [])
 
 
 def test_value_cache_is_used_only_on_the_original_weights(shared, isolated_cache):

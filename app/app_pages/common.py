@@ -14,7 +14,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -236,12 +236,31 @@ def counterfact_files() -> list[Path]:
     return sorted((directory / "counterfact").glob("counterfact*.json")) if directory else []
 
 
-def fact_source(prefix: str, default_n: int = 10) -> list[EvalRecord] | None:
-    """The facts a page works on: a seeded sample of a CounterFact file, or an upload.
-    ``prefix`` keeps each page's widgets apart."""
-    source = st.radio("Facts", [SAMPLE, UPLOAD], horizontal=True, key=f"{prefix}_source",
+def fact_source(prefix: str, default_n: int = 10,
+                others: dict[str, Callable[[], list[EvalRecord] | None]] | None = None) -> list[EvalRecord] | None:
+    """The facts a page works on: a seeded sample of a CounterFact file, or an upload, or
+    one of the page's ``others`` (label -> what shows its widgets and returns its facts),
+    offered first. ``prefix`` keeps each page's widgets apart."""
+    others = others or {}
+    source = st.radio("Facts", [*others, SAMPLE, UPLOAD], horizontal=True, key=f"{prefix}_source",
                       label_visibility="collapsed")
+    if source in others:
+        return others[source]()
     return from_upload(prefix) if source == UPLOAD else from_counterfact(prefix, default_n)
+
+
+def source_note(prefix: str) -> dict[str, Any]:
+    """What :func:`fact_source` chose, for the provenance of a results file: the source,
+    and the file, sample size and seed of a CounterFact sample or the uploaded file's name."""
+    state = st.session_state
+    source = state.get(f"{prefix}_source", SAMPLE)
+    if source == SAMPLE:
+        return {"source": source, "file": state.get(f"{prefix}_cf_file"), "sampled": state.get(f"{prefix}_n"),
+                "sample_seed": state.get(f"{prefix}_seed")}
+    if source == UPLOAD:
+        upload = state.get(f"{prefix}_file")
+        return {"source": source, "file": getattr(upload, "name", None)}
+    return {"source": source}
 
 
 def from_upload(prefix: str) -> list[EvalRecord] | None:

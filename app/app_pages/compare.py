@@ -1,21 +1,24 @@
-"""Compare page: the same fact(s) through ROME, MEMIT and EMMET, each from the original
-weights, side by side. Nothing here is kept in the session."""
+"""Compare page: the editors side by side on the same facts (the Edit page's or the
+examples, a seeded CounterFact sample, or an upload), each from the original weights,
+repeated with different seeds; per fact and mean, with CSV and JSON downloads. Nothing
+here is kept in the session. The logic is in emmet_core.studio.comparison."""
 
 import streamlit as st
 
 from app_pages import common
 from emmet_core.data import EvalRecord
-from emmet_core.errors import InvalidRequestError
 from emmet_core.hparams import EDITOR_NAMES
 from emmet_core.request import EditRequest
-from emmet_core.studio import figures
+from emmet_core.studio import comparison, figures
+from emmet_core.studio.comparison import CompareRun, Tracker
 from emmet_core.studio.suggest import judgeable
-from emmet_core.studio.workflows import CompareRow, compare, parse_lines, parse_neighbours, record_for
+from emmet_core.studio.workflows import parse_lines, parse_neighbours, record_for
 from emmet_core.studio.workspace import Session
 
 ALGORITHMS = EDITOR_NAMES
 state = st.session_state
 EDIT_PAGE = "The fact on the Edit page"
+PICKED = "The Edit page's fact or the examples"
 
 
 def options() -> dict[str, tuple[EditRequest, list[str], list[tuple[str, str | None]]]]:
@@ -37,81 +40,87 @@ def options() -> dict[str, tuple[EditRequest, list[str], list[tuple[str, str | N
     return out
 
 
-def table(rows: list[CompareRow]) -> list[dict]:
-    out = []
-    for row in rows:
-        name = ALGORITHMS.get(row.algorithm, row.algorithm)
-        if row.error:
-            out.append({"editor": name, "note": row.error})
-            continue
-        entry = {"editor": name, "layers": ", ".join(map(str, row.layers)) or "—"}
-        entry.update({m: row.metrics.get(m) for m in ("ES", "PS", "NS", "GE", "S")})
-        entry["P(new)"] = sum(row.p_new) / len(row.p_new) if row.p_new else None
-        entry["P(old)"] = sum(row.p_true) / len(row.p_true) if row.p_true else None
-        entry["‖Δ‖"] = row.delta_norm if row.algorithm != "unedited" else None
-        entry["seconds"] = row.seconds.get("total") if row.algorithm != "unedited" else None
-        entry["note"] = ""
-        out.append(entry)
-    return out
+def picked_facts() -> list[EvalRecord]:
+    """The facts picked by hand from :func:`options`."""
+    choices = options()
+    default = [label for label in choices if label.startswith(EDIT_PAGE)][:1] or list(choices)[:1]
+    picked = st.multiselect("Facts", list(choices), default=default, key="compare_facts",
+                            help="Several facts are edited together (ROME: one after the other).")
+    return [record_for(*choices[label], case_id=i) for i, label in enumerate(picked)]
 
 
-def run(session: Session, records: list[EvalRecord], algorithms: list[str], gen_tokens: int) -> None:
+def run(session: Session, records: list[EvalRecord] | None, algorithms: list[str], gen_tokens: int,
+        repeats: int, seed: int) -> None:
     with common.readable_errors("The comparison"):
-        if not records:
-            raise InvalidRequestError("choose at least one fact")
-        if not algorithms:
-            raise InvalidRequestError("choose at least one editor")
-        steps = ["unedited", *algorithms]
+        comparison.check(records, algorithms, repeats)
+        tracker = Tracker(algorithms, repeats, len(records or []), seed)
         status_text = st.empty()
         progress = common.Progress()
 
         def step(name: str) -> None:
-            index = steps.index(name)
-            progress.start, progress.end = index / len(steps), (index + 1) / len(steps)
+            tracker.on_step(name)
+            progress.start, progress.end = tracker.span
             progress.reached = progress.start
-            status_text.markdown(f"**{ALGORITHMS.get(name, 'Reading the unedited model')}** "
-                                 f"({index + 1} of {len(steps)})")
+            status_text.markdown(tracker.text())
 
-        rows = compare(session.shared, records, algorithms, gen_tokens=gen_tokens, on_step=step, on_phase=progress)
+        def phase(name: str) -> None:
+            tracker.on_phase(name)
+            status_text.markdown(tracker.text())
+            progress(name)
+
+        result = comparison.compare_repeats(session.shared, records or [], algorithms, repeats, seed, gen_tokens,
+                                            source=common.source_note("compare"), on_step=step, on_phase=phase)
         progress.done("Done")
         status_text.empty()
-        state.compare_rows = (session.shared.loaded.name, rows)
+        state.compare_run = result
 
 
-def render(rows: list[CompareRow]) -> None:
+def render(result: CompareRun) -> None:
     st.divider()
-    for row in rows:
-        if row.error:
-            st.warning(f"{ALGORITHMS.get(row.algorithm, row.algorithm)} did not run: {row.error}")
-    st.dataframe(table(rows), hide_index=True, column_config={
-        **{m: st.column_config.NumberColumn(format="%.1f") for m in ("ES", "PS", "NS", "S")},
-        "GE": st.column_config.NumberColumn(format="%.2f", help="generation entropy, bits"),
-        "P(new)": st.column_config.NumberColumn(format="percent"),
-        "P(old)": st.column_config.NumberColumn(format="percent"),
-        "‖Δ‖": st.column_config.NumberColumn(format="%.3g"),
-        "seconds": st.column_config.NumberColumn(format="%.1f")})
-    st.caption("ES/PS/NS: share of rewrite / paraphrase / neighbour prompts where the right object is more likely "
-               "(×100); S: their harmonic mean; GE: entropy of sampled text; P: mean probability on the prompts.")
-    st.plotly_chart(figures.compare_scores_chart(rows), key="compare_scores")
-    st.plotly_chart(figures.compare_details_chart(rows), key="compare_details")
+    for editor in result.algorithms:
+        for error in result.errors(editor):
+            st.warning(f"{ALGORITHMS.get(editor, editor)} did not run: {error}")
+    repeats = len(result.seeds)
+    st.markdown(f"**{result.facts} fact{'s' if result.facts != 1 else ''} × {len(result.algorithms)} "
+                f"editor{'s' if len(result.algorithms) != 1 else ''} × {repeats} repeat{'s' if repeats != 1 else ''}"
+                f"** (seed{'s' if repeats != 1 else ''} {', '.join(map(str, result.seeds))})")
+    st.dataframe(comparison.summary_table(result), hide_index=True, key="compare_summary")
+    st.caption("Means over the facts" + (", then mean ± standard deviation over the repeats" if repeats > 1 else "")
+               + ". ES/PS/NS: share of rewrite / paraphrase / neighbour prompts where the right object is more "
+               "likely (×100); S: their harmonic mean; EM/PM/NM: the same as probability differences; GE: "
+               "entropy of sampled text (bits); margins: the right object's mean log-probability per token "
+               "minus the other's (nats); P: mean probability on the prompts; – : does not apply.")
+    st.plotly_chart(figures.margin_chart(result.fact_rows()), key="compare_margins")
+    means = result.mean_rows()
+    st.plotly_chart(figures.compare_scores_chart(means), key="compare_scores")
+    st.plotly_chart(figures.compare_details_chart(means), key="compare_details")
+    with st.expander(f"Per fact ({len(result.fact_rows())} rows: fact × editor × repeat)"):
+        st.dataframe(comparison.fact_table(result), hide_index=True, key="compare_per_fact")
+    left, right = st.columns(2)
+    left.download_button("Download everything (JSON)", result.to_json(), file_name="emmet-compare.json",
+                         mime="application/json", icon=":material/download:", on_click="ignore", key="compare_json")
+    right.download_button("Download per-fact and mean rows (CSV)", result.to_csv(), file_name="emmet-compare.csv",
+                          mime="text/csv", icon=":material/download:", on_click="ignore", key="compare_csv")
 
 
 session = common.require_session()
 st.title("Compare the editors")
-st.caption("The same fact(s) through ROME, MEMIT and EMMET, each starting from the original weights, with the "
-           "model's presets. Your own edits are not involved and nothing is kept.")
-choices = options()
-default = [label for label in choices if label.startswith(EDIT_PAGE)][:1] or list(choices)[:1]
-picked = st.multiselect("Facts", list(choices), default=default, key="compare_facts",
-                        help="Several facts are edited together (ROME: one after the other).")
-left, right = st.columns([2, 1])
-algorithms = left.pills("Editors", list(ALGORITHMS), default=["rome", "memit", "emmet"], selection_mode="multi",
-                        format_func=ALGORITHMS.get, key="compare_algorithms")
-gen_tokens = right.number_input("Generated tokens per text (GE)", 0, 200, 40, step=10, key="compare_gen_tokens",
-                                help="0 skips generation (and GE).")
+st.caption("The same facts through each editor, every one starting from the original weights with the model's "
+           "presets, scored per fact. Your own edits are not involved and nothing is kept.")
+records = common.fact_source("compare", 10, others={PICKED: picked_facts})
+algorithms = st.pills("Editors", list(ALGORITHMS), default=["rome", "memit", "emmet"], selection_mode="multi",
+                      format_func=ALGORITHMS.get, key="compare_algorithms")
+left, middle, right = st.columns(3)
+gen_tokens = left.number_input("Generated tokens per text (GE)", 0, 200, 40, step=10, key="compare_gen_tokens",
+                               help="0 skips generation (and GE).")
+repeats = middle.number_input("Repeats", 1, comparison.MAX_REPEATS, 1, key="compare_repeats",
+                              help="Each repeat runs every editor again with the next seed (the facts stay "
+                                   "the same); the tables then show mean ± standard deviation over repeats.")
+seed = right.number_input("First seed", 0, 2**31 - 1, 0, key="compare_run_seed",
+                          help="Repeat r uses seed + r for everything random: the context templates the "
+                               "editors average over and the sampled texts of GE.")
 if st.button("Run the comparison", type="primary", icon=":material/play_arrow:", key="run_compare"):
-    records = [record_for(*choices[label], case_id=i) for i, label in enumerate(picked)]
-    run(session, records, list(algorithms or []), int(gen_tokens))
-shown = state.get("compare_rows")
-if shown is not None and shown[0] == session.loaded.name:
-    render(shown[1])
+    run(session, records, list(algorithms or []), int(gen_tokens), int(repeats), int(seed))
+shown = state.get("compare_run")
+if shown is not None and shown.model == session.loaded.name:
+    render(shown)

@@ -8,7 +8,8 @@ the old object, before and after, and one colour per algorithm.
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import plotly.graph_objects as go
 import torch
@@ -175,6 +176,42 @@ def compare_details_chart(rows: Sequence[CompareRow]) -> go.Figure:
     _layout(fig, "", height=300, barmode="group")
     fig.update_layout(margin={"t": 40})
     return fig
+
+
+# One colour per kind of prompt; the keys are :data:`emmet_core.evaluate.MARGINS`.
+MARGIN_KINDS = {"ES_margin": ("rewrite prompt", NEW), "PS_margin": ("paraphrases (mean)", "#f4a261"),
+                "NS_margin": ("neighbours (mean, own object)", OLD)}
+
+
+def margin_chart(facts: Sequence[Mapping[str, Any]], threshold: float = CLEAR_MARGIN) -> go.Figure:
+    """Per editor, every fact's margin in nats (the wanted object's mean per-token
+    log-probability minus the other's: :mod:`judge`) as points over a box, one box per
+    kind of prompt. Above the dashed line a win is clear (✓), between it and 0 weak (✓?),
+    below 0 failed (✗). ``facts``: rows with ``editor`` and the margins (missing ones are
+    left out), e.g. :meth:`comparison.CompareRun.fact_rows`."""
+    fig = go.Figure()
+    for key, (label, colour) in MARGIN_KINDS.items():
+        shown = [f for f in facts if f.get(key) is not None]
+        if not shown:
+            continue
+        fig.add_box(x=[_editor(f["editor"]) for f in shown], y=[f[key] for f in shown], name=label,
+                    marker_color=colour, boxpoints="all", jitter=0.5, pointpos=0, line_width=1,
+                    text=[_fact_label(f) for f in shown], hovertemplate="%{text}<br>%{y:+.2f} nats<extra></extra>")
+    fig.add_hline(y=0, line_color="#6b7280", line_width=1)
+    fig.add_hline(y=threshold, line_dash="dash", line_color="#2a9d8f",
+                  annotation_text=f"clear margin {threshold:g} nats", annotation_position="top left")
+    fig.update_yaxes(title="margin (nats)", zeroline=False)
+    return _layout(fig, "Margin per fact: the wanted object's log-probability minus the other's", height=400,
+                   boxmode="group")
+
+
+def _editor(algorithm: str) -> str:
+    return algorithm.upper() if algorithm != "unedited" else "unedited"
+
+
+def _fact_label(fact: Mapping[str, Any]) -> str:
+    repeat = f" · repeat {fact['repeat']}" if "repeat" in fact else ""
+    return f"case {fact.get('case_id')}{repeat}: {textwrap.shorten(str(fact.get('prompt', '')), 60)}"
 
 
 def _mean(values: Sequence[float]) -> float | None:

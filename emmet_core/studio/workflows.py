@@ -18,7 +18,7 @@ from typing import Any
 from .. import metrics
 from ..data import EvalRecord
 from ..errors import EditError, InvalidRequestError
-from ..evaluate import score_records, summarise
+from ..evaluate import MARGINS, score_records, summarise
 from ..hparams import HParams
 from ..models import LoadedModel
 from ..readout import generate, greedy_answer, score_targets
@@ -281,8 +281,8 @@ def resolve(loaded: LoadedModel, records: list[EvalRecord], prepared: list[EditR
     return out
 
 
-def _score(loaded: LoadedModel, records: list[EvalRecord], gen_tokens: int) -> list[dict[str, float]]:
-    return score_records(loaded, records, generation=gen_tokens > 0, gen_tokens=max(gen_tokens, 1))
+def _score(loaded: LoadedModel, records: list[EvalRecord], gen_tokens: int, seed: int = 0) -> list[dict[str, float]]:
+    return score_records(loaded, records, generation=gen_tokens > 0, gen_tokens=max(gen_tokens, 1), seed=seed)
 
 
 def _rewrite_probes(loaded: LoadedModel, records: list[EvalRecord]) -> list[PromptScore]:
@@ -350,7 +350,7 @@ def run_batch(session: Session, records: list[EvalRecord], algorithm: str, hpara
 
 @dataclass
 class CompareRow:
-    """One algorithm (or the unedited model) on the compared facts."""
+    """One algorithm (or the unedited model) on the compared facts, with one seed."""
 
     algorithm: str
     metrics: dict[str, float] = field(default_factory=dict)  # ES PS NS EM PM NM GE S (×100, GE in bits)
@@ -360,52 +360,90 @@ class CompareRow:
     seconds: dict[str, float] = field(default_factory=dict)
     layers: list[int] = field(default_factory=list)
     error: str | None = None
+    per_fact: list[dict[str, Any]] = field(default_factory=list)  # :func:`fact_rows`, one per fact
+    seed: int = 0  # of everything random: the context templates and the sampled texts
+    hparams: dict[str, Any] = field(default_factory=dict)  # of the edit (empty for the unedited model)
 
     @property
     def delta_norm(self) -> float:
         """‖Δ‖ over all edited matrices together."""
         return math.sqrt(sum(v * v for v in self.norms.values()))
 
+    @property
+    def mean_margins(self) -> dict[str, float]:
+        """Mean over the facts of each margin (nats) that some fact has."""
+        out = {}
+        for name in MARGINS:
+            values = [f[name] for f in self.per_fact if f.get(name) is not None]
+            if values:
+                out[name] = sum(values) / len(values)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "delta_norm": self.delta_norm}
 
 
+def fact_rows(records: list[EvalRecord], scores: list[dict[str, float]],
+              probes: list[PromptScore]) -> list[dict[str, Any]]:
+    """One row per fact: what was asked, its metrics in the units of the means (×100, GE
+    in bits, so the means are their average), its margins (nats) and the rewrite
+    prompt's judgement (:mod:`judge`)."""
+    out = []
+    for record, score, probe in zip(records, scores, probes, strict=True):
+        request = record.request
+        row: dict[str, Any] = {"case_id": record.case_id, "subject": request.subject, "prompt": request.text,
+                               "target_new": request.target_new, "target_true": request.target_true}
+        row.update(summarise([score]))
+        row.update({name: score[name] for name in MARGINS if name in score})
+        row.update(judgement=probe.as_new().outcome, p_new=probe.p_new, p_true=probe.p_true)
+        out.append(row)
+    return out
+
+
 def compare(shared: SharedModel, records: list[EvalRecord], algorithms: Sequence[str],
-            hparams: dict[str, HParams] | None = None, gen_tokens: int = 0,
+            hparams: dict[str, HParams] | None = None, gen_tokens: int = 0, seed: int = 0,
             on_step: Callable[[str], None] | None = None,
             on_phase: PhaseCallback | None = None) -> list[CompareRow]:
     """The same facts through each algorithm, every time from the original weights (a
-    fresh session), never kept. An algorithm that refuses (e.g. several layers where
-    the family allows one) gets its error in its row; the others still run."""
+    fresh session), never kept. ``seed`` replaces the hyper-parameters' seed (context
+    templates) and seeds the sampled texts. An algorithm that refuses (e.g. several
+    layers where the family allows one) gets its error in its row; the others still
+    run. Facts the model already answers with their new object are edited all the same
+    (their unedited row shows it)."""
     if not records:
         raise EditError("no facts to compare")
     step = on_step or (lambda name: None)
     base = Session(shared)
     step("unedited")
 
-    def read_unedited(loaded: LoadedModel) -> tuple[list[EvalRecord], list[dict[str, float]], list[PromptScore]]:
-        prepared = shared.editor.prepare([r.request for r in records])
-        resolved = resolve(loaded, records, prepared)
-        return resolved, _score(loaded, resolved, gen_tokens), _rewrite_probes(loaded, resolved)
+    def read(loaded: LoadedModel, resolved: list[EvalRecord]) -> tuple[list[dict[str, float]], list[PromptScore]]:
+        return _score(loaded, resolved, gen_tokens, seed), _rewrite_probes(loaded, resolved)
 
-    resolved, rows_before, probes = base.run(read_unedited)
-    out = [CompareRow("unedited", summarise(rows_before), [p.p_new for p in probes], [p.p_true for p in probes])]
+    def read_unedited(loaded: LoadedModel) -> tuple[list[EvalRecord], list[dict[str, float]], list[PromptScore]]:
+        prepared = shared.editor.prepare([r.request for r in records], refuse_current=False)
+        resolved = resolve(loaded, records, prepared)
+        return resolved, *read(loaded, resolved)
+
+    resolved, scores, probes = base.run(read_unedited)
+    out = [_compare_row("unedited", resolved, scores, probes, seed)]
     for algorithm in algorithms:
         step(algorithm)
-        row = CompareRow(algorithm)
         try:
+            hp = ((hparams or {}).get(algorithm) or base.hparams(algorithm)).replace(seed=seed)
             outcome = Session(shared).edit(
-                [r.request for r in resolved], algorithm, hparams=(hparams or {}).get(algorithm),
-                refuse_current=False, keep=False, on_phase=on_phase,
-                after=lambda loaded, _: (_score(loaded, resolved, gen_tokens), _rewrite_probes(loaded, resolved)))
+                [r.request for r in resolved], algorithm, hparams=hp, refuse_current=False, keep=False,
+                on_phase=on_phase, after=lambda loaded, _: read(loaded, resolved))
         except EditError as exc:
-            row.error = str(exc)
-            out.append(row)
+            out.append(CompareRow(algorithm, error=str(exc), seed=seed))
             continue
-        rows_after, probes = outcome.after
+        row = _compare_row(algorithm, resolved, *outcome.after, seed)
         record = outcome.record
-        row.metrics, row.norms, row.seconds = summarise(rows_after), record.norms, record.seconds
-        row.layers = record.layers
-        row.p_new, row.p_true = [p.p_new for p in probes], [p.p_true for p in probes]
+        row.norms, row.seconds, row.layers, row.hparams = record.norms, record.seconds, record.layers, hp.to_dict()
         out.append(row)
     return out
+
+
+def _compare_row(algorithm: str, resolved: list[EvalRecord], scores: list[dict[str, float]],
+                 probes: list[PromptScore], seed: int) -> CompareRow:
+    return CompareRow(algorithm, summarise(scores), [p.p_new for p in probes], [p.p_true for p in probes],
+                      per_fact=fact_rows(resolved, scores, probes), seed=seed)
