@@ -146,10 +146,12 @@ class EditReport:
 
 def edit_fact(session: Session, request: EditRequest, checks: FactChecks, algorithm: str,
               hparams: HParams | None = None, on_phase: PhaseCallback | None = None,
-              on_wait: Callable[[], None] | None = None) -> EditReport:
-    """Apply one fact to the session and read what changed around it."""
+              on_wait: Callable[[], None] | None = None, cache_values: bool = False) -> EditReport:
+    """Apply one fact to the session and read what changed around it. ``cache_values``:
+    v* from the disk cache when the session's weights are the original ones (lecture
+    mode, after the examples were prepared); the record says whether it was used."""
     outcome = session.edit([request], algorithm, hparams=hparams, before=checks.read, after=checks.read,
-                           on_phase=on_phase, on_wait=on_wait)
+                           on_phase=on_phase, on_wait=on_wait, cache_values=cache_values)
     prepared = outcome.record.requests[0]
     report = EditReport(prepared, outcome.record, outcome.before, outcome.after,
                         checks.generation_prompts(prepared))
