@@ -1,4 +1,5 @@
-"""History page: this session's edits, undo and reset, the edit log and the edited model."""
+"""History page: this session's edits, undo and reset, the edit log, a prompt put to the
+original and the edited model side by side, and the edited model to download."""
 
 import time
 from pathlib import Path
@@ -21,8 +22,9 @@ def rows(session: Session) -> list[dict]:
             "time": time.strftime("%H:%M:%S", time.localtime(record.created)),
             "edit": record.label,
             "layers": ", ".join(map(str, record.layers)),
-            "‖Δ‖": ", ".join(f"{v:.3g}" for v in record.norms.values()),
-            "P(new) before → after": f"{common.percent(p_new[0])} → {common.percent(p_new[1])}" if p_new else "",
+            "‖Δ‖": ", ".join(common.format_value(v, "norm") for v in record.norms.values()),
+            "P(new) before → after": (f"{common.format_value(p_new[0])} → {common.format_value(p_new[1])}"
+                                      if p_new else common.format_value(None)),
             "seconds": round(record.seconds.get("total", 0.0), 1),
         })
     return out
@@ -74,5 +76,7 @@ middle.button("Reset to the original model", on_click=reset, args=(session,), di
               icon=":material/restart_alt:", key="reset")
 right.download_button("Download the edit log (JSON)", session.log_json(), file_name="emmet-edit-log.json",
                       mime="application/json", icon=":material/data_object:", on_click="ignore")
+st.divider()
+common.ask_box(session, key="history_ask")
 st.divider()
 export(session)
