@@ -46,17 +46,18 @@ def small(shared: SharedModel, algorithm: str):
 
 # -- the top next tokens -----------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["gpt2", "llama"])  # byte-level BPE; SentencePiece with a BOS token
-def test_top_next_tokens_match_a_direct_softmax(tokenizers, family):
-    loaded = tiny(family, tokenizers)
+def test_top_next_tokens_match_a_direct_softmax(tokenizers, family, device):
+    loaded = tiny(family, tokenizers, device)  # tensors are made where the model is (CUDA too, where there is one)
     batch = top_next_tokens_batch(loaded, PROMPTS, k=5)
     assert len(batch) == 2
     for prompt, tops in zip(PROMPTS, batch):
-        ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
         with torch.no_grad():
-            probs = loaded.model(ids).logits[0, -1].float().softmax(-1)
+            probs = loaded.model(ids).logits[0, -1].float().softmax(-1).cpu()
         expected = probs.topk(5)
         assert [t for t, _ in tops] == [loaded.tokenizer.decode([i]) for i in expected.indices.tolist()]
-        assert torch.allclose(torch.tensor([p for _, p in tops]), expected.values, atol=1e-5)
+        tolerance = 1e-5 if device == "cpu" else 1e-4
+        assert torch.allclose(torch.tensor([p for _, p in tops]), expected.values, atol=tolerance)
         ps = [p for _, p in tops]
         assert ps == sorted(ps, reverse=True) and 0 < sum(ps) <= 1 + 1e-6
         alone = top_next_tokens(loaded, prompt, k=5)  # padding in a batch changes nothing
