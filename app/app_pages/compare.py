@@ -44,10 +44,10 @@ def table(rows: list[CompareRow]) -> list[dict]:
         if row.error:
             out.append({"editor": name, "note": row.error})
             continue
-        entry = {"editor": name, "layers": ", ".join(map(str, row.layers)) or "—"}
+        entry = {"editor": name, "layers": ", ".join(map(str, row.layers)) or common.format_value(None)}
         entry.update({m: row.metrics.get(m) for m in ("ES", "PS", "NS", "GE", "S")})
-        entry["P(new)"] = sum(row.p_new) / len(row.p_new) if row.p_new else None
-        entry["P(old)"] = sum(row.p_true) / len(row.p_true) if row.p_true else None
+        entry["P(new)"] = common.format_value(sum(row.p_new) / len(row.p_new) if row.p_new else None)
+        entry["P(old)"] = common.format_value(sum(row.p_true) / len(row.p_true) if row.p_true else None)
         entry["‖Δ‖"] = row.delta_norm if row.algorithm != "unedited" else None
         entry["seconds"] = row.seconds.get("total") if row.algorithm != "unedited" else None
         entry["note"] = ""
@@ -86,14 +86,14 @@ def render(rows: list[CompareRow]) -> None:
     st.dataframe(table(rows), hide_index=True, column_config={
         **{m: st.column_config.NumberColumn(format="%.1f") for m in ("ES", "PS", "NS", "S")},
         "GE": st.column_config.NumberColumn(format="%.2f", help="generation entropy, bits"),
-        "P(new)": st.column_config.NumberColumn(format="percent"),
-        "P(old)": st.column_config.NumberColumn(format="percent"),
         "‖Δ‖": st.column_config.NumberColumn(format="%.3g"),
         "seconds": st.column_config.NumberColumn(format="%.1f")})
     st.caption("ES/PS/NS: share of rewrite / paraphrase / neighbour prompts where the right object is more likely "
                "(×100); S: their harmonic mean; GE: entropy of sampled text; P: mean probability on the prompts.")
-    st.plotly_chart(figures.compare_scores_chart(rows), key="compare_scores")
-    st.plotly_chart(figures.compare_details_chart(rows), key="compare_details")
+    st.plotly_chart(common.for_screen(figures.compare_scores_chart(rows)), key="compare_scores")
+    common.good("every editor's ES and PS near 100 and NS near the unedited model's; S sums them up.")
+    st.plotly_chart(common.for_screen(figures.compare_details_chart(rows)), key="compare_details")
+    common.good("for each editor, GE within ~0.3 bits of the unedited model's, P(new) far above P(old), a small ‖Δ‖.")
 
 
 session = common.require_session()
