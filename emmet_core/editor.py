@@ -70,6 +70,13 @@ class EditResult:
     seconds: dict[str, float] = field(default_factory=dict)
     value_loss_before: list[float] = field(default_factory=list)
     value_loss_after: list[float] = field(default_factory=list)
+    # The disk cache of v* (value_cache): "off" when not asked for; "original" when asked for
+    # on the original weights, the only ones it holds v* of; "edited" when asked for but the
+    # weights held edits, so every v* was optimised afresh. ``values_cached``: facts whose v*
+    # was read from the cache (ROME: at most the first fact of a batch, whose v* is
+    # optimised on the original weights; the later ones see the earlier facts' updates).
+    value_cache: str = "off"
+    values_cached: int = 0
 
     @property
     def deltas(self) -> list[Delta]:
@@ -94,6 +101,8 @@ class EditResult:
             "seconds": self.seconds,
             "value_loss_before": self.value_loss_before,
             "value_loss_after": self.value_loss_after,
+            "value_cache": self.value_cache,
+            "values_cached": self.values_cached,
             "hparams": self.hparams.to_dict(),
         }
 
@@ -199,8 +208,9 @@ class Editor:
                 batch = self.prepare(requests, refuse_current)
         covs = self._covariances(hp, timer)
         templates = self._context_templates(hp, timer)
-        result = EditResult(hp.algorithm, hp, batch)
         cache_ok = cache_values and self.ledger.is_original  # the disk cache holds v* of the original
+        result = EditResult(hp.algorithm, hp, batch,
+                            value_cache="original" if cache_ok else "edited" if cache_values else "off")
         with self.ledger.scratch(hp.layers):
             if hp.algorithm == "rome":
                 self._rome(batch, hp, covs, templates, result, timer, cache_ok)
@@ -363,6 +373,7 @@ class Editor:
                 facts = f"fact {number}/{len(batch)}, " if len(batch) > 1 else ""
                 values = self._values([request], templates, layer, "mlp", hp, cached, timer.value_steps(facts))
                 cached = False  # the next fact sees the weights this one changes
+                result.values_cached += values.cached
             with timer.phase("solve"):  # on the device of the layer, where C0 is
                 here = covs[layer].device
                 key, plain = key.to(here), plain.to(here)
@@ -384,6 +395,7 @@ class Editor:
         at_mlp = site == "mlp"
         with timer.phase("values"):
             values = self._values(batch, templates, z_layer, site, hp, cached, timer.value_steps())
+        result.values_cached = values.cached
         targets = values.values.T.to(torch.float64)  # (d, N)
         result.value_loss_before = values.loss_before.tolist()
         result.value_loss_after = values.loss_after.tolist()

@@ -16,8 +16,9 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
+from .errors import InvalidRequestError
 from .models import LoadedModel
-from .tokens import pad_rows, prompt_ids, target_ids
+from .tokens import check_length, pad_rows, prompt_ids, target_ids
 
 
 @dataclass
@@ -101,6 +102,40 @@ def _continue(adapter, pad_id: int, cache, mask: torch.Tensor,
     for j, k in enumerate(longer):
         out[k] = adapter.logits(hidden[j, : len(pairs[k][1]) - 1]).log_softmax(-1)
     return out
+
+
+@torch.no_grad()
+def top_next_tokens_batch(
+    loaded: LoadedModel, prompts: list[str], k: int = 5, batch_size: int = 16
+) -> list[list[tuple[str, float]]]:
+    """For each prompt, the ``k`` most probable next tokens and their probabilities, most
+    probable first: the model's whole answer to "what comes next", not just its greedy
+    pick, so a reader sees how far an edit moved the distribution. Deterministic (no
+    sampling); prompts are right-stripped like every other prompt the app reads."""
+    if k < 1:
+        raise InvalidRequestError(f"k must be at least 1, not {k}")
+    tok, adapter = loaded.tokenizer, loaded.adapter
+    rows = [prompt_ids(tok, p.rstrip()) for p in prompts]
+    if not rows:
+        return []
+    if not all(rows):
+        raise InvalidRequestError("an empty prompt has no next token to read")
+    check_length(rows, adapter.context_length(), "the prompt")
+    out: list[list[tuple[str, float]]] = []
+    for first in range(0, len(rows), batch_size):
+        # Left padding: every row's last column is its last real token.
+        ids, mask = pad_rows(rows[first : first + batch_size], tok.pad_token_id, loaded.device, left=True)
+        hidden, _ = adapter.run_body(ids, mask, _positions(mask))
+        probs = adapter.logits(hidden[:, -1]).softmax(-1)  # float32 (logits() upcasts)
+        top = probs.topk(min(k, probs.shape[-1]), dim=-1)
+        for values, indices in zip(top.values.tolist(), top.indices.tolist()):  # one copy to the host
+            out.append([(tok.decode([i]), p) for i, p in zip(indices, values)])
+    return out
+
+
+def top_next_tokens(loaded: LoadedModel, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+    """The ``k`` most probable next tokens after one prompt (:func:`top_next_tokens_batch`)."""
+    return top_next_tokens_batch(loaded, [prompt], k)[0]
 
 
 class _RowSeededTopK(LogitsProcessor):

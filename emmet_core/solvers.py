@@ -89,15 +89,16 @@ def emmet_update(
 def memit_update(
     residuals: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor, cov_weight: float
 ) -> torch.Tensor:
-    """MEMIT: Δ = R Kᵀ (λ C0 + K Kᵀ)⁻¹, least squares on the batch.
+    """MEMIT: Δ = R Kᵀ (m C0 + K Kᵀ)⁻¹, least squares on the batch.
 
-    Minimises λ·tr(Δ C0 Δᵀ) + ‖Δ K − R‖²: the edited keys are fitted, not enforced.
+    Minimises m·tr(Δ C0 Δᵀ) + ‖Δ K − R‖²: the edited keys are fitted, not enforced.
+    ``cov_weight`` is m (``mom2_update_weight``; the MEMIT paper's λ).
     """
     residuals, keys, cov = _f64(residuals, keys, cov)
     system = cov_weight * cov + keys @ keys.T
     system = 0.5 * (system + system.T)
     # Δ A = R Kᵀ with A symmetric  <=>  A Δᵀ = K Rᵀ.
-    update = solve_spd(system, keys @ residuals.T, "λ C0 + K Kᵀ").T
+    update = solve_spd(system, keys @ residuals.T, "m C0 + K Kᵀ").T
     require_finite(update, "MEMIT update")
     return update
 
@@ -147,9 +148,9 @@ def encore_update(
     """ENCORE's solve: MEMIT's objective with a Frobenius-norm constraint on the total
     change of the matrix since its original W₀,
 
-        min_Δ  λ tr(Δ C0 Δᵀ) + ‖Δ K − R‖² + μ ‖D + Δ‖²_F,   D = W − W₀ (earlier edits),
+        min_Δ  m tr(Δ C0 Δᵀ) + ‖Δ K − R‖² + μ ‖D + Δ‖²_F,   D = W − W₀ (earlier edits),
 
-    so Δ = (R Kᵀ − μ D)(λ C0 + K Kᵀ + μ I)⁻¹: every edit also pulls the matrix back towards
+    so Δ = (R Kᵀ − μ D)(m C0 + K Kᵀ + μ I)⁻¹: every edit also pulls the matrix back towards
     W₀, and the accumulated norm stops growing without bound. μ = 0 is MEMIT.
     """
     residuals, keys, cov = _f64(residuals, keys, cov)
@@ -159,6 +160,6 @@ def encore_update(
     rhs = keys @ residuals.T  # (d_k, d): the transposed right-hand side
     if accumulated is not None and norm_weight:
         rhs = rhs - norm_weight * accumulated.detach().to(torch.float64).T
-    update = solve_spd(system, rhs, "λ C0 + K Kᵀ + μ I").T
+    update = solve_spd(system, rhs, "m C0 + K Kᵀ + μ I").T
     require_finite(update, "ENCORE update")
     return update

@@ -48,13 +48,14 @@ def cached_values(
     on_step: StepCallback | None = None,
 ) -> ValueResult:
     """:func:`values.compute_values`, optimising only the facts not cached yet
-    (``progress`` hears of the cached ones at once)."""
+    (``progress`` hears of the cached ones at once). The result's ``cached`` says how
+    many facts were read from disk, so an app can say whether an edit's v* was prepared."""
     folder = (root or cache_dir() / "values") / group_key(loaded, layer, site, config, templates)
     paths = [folder / f"{fact_key(r)}.safetensors" for r in requests]
     found = {i: _read(p) for i, p in enumerate(paths) if p.is_file()}
     found = {i: row for i, row in found.items() if row is not None}
     todo = [i for i in range(len(requests)) if i not in found]
-    steps = 0
+    hits, steps = len(found), 0
     if progress is not None and found:
         progress(len(found))
     if todo:
@@ -71,7 +72,7 @@ def cached_values(
     joined = {name: torch.stack([found[i][name] for i in range(len(requests))]).to(device) for name in PER_FACT}
     for name in ("loss_before", "nll_after", "loss_after"):
         joined[name] = joined[name][:, 0]
-    return ValueResult(**joined, steps=steps)
+    return ValueResult(**joined, steps=steps, cached=hits)
 
 
 def _read(path: Path) -> dict[str, torch.Tensor] | None:

@@ -67,6 +67,7 @@ class ValueResult:
     nll_after: torch.Tensor  # (N,) target NLL at the final δ
     loss_after: torch.Tensor  # (N,) total loss (NLL + KL + decay) at the final δ
     steps: int  # optimiser updates made
+    cached: int = 0  # facts whose row came from the disk cache (value_cache), not optimised now
 
 
 @dataclass

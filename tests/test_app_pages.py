@@ -165,6 +165,12 @@ def test_history_page_undo_reset_and_export(tiny_app, tmp_path):
     apply_edit(at)
     at.switch_page("app_pages/history.py").run()
     at.button(key="reset").click().run()
+    assert len(session_of(at, tiny_app).records) == 1  # a reset asks first
+    assert any("cannot be undone" in w.value for w in at.warning)
+    at.button(key="reset_cancel").click().run()
+    assert len(session_of(at, tiny_app).records) == 1 and not [b for b in at.button if b.key == "reset_confirm"]
+    at.button(key="reset").click().run()
+    at.button(key="reset_confirm").click().run()
     assert session_of(at, tiny_app).records == [] and not at.exception
 
 
@@ -456,3 +462,75 @@ def test_lecture_mode_writes_texts_only_when_asked(tiny_app):
     assert not report.texts_pending and len(report.after.texts) == len(report.generation_prompts) == 2
     assert "chart_entropy" in charts(at) and report.seconds["texts"] > 0
     assert report.total_seconds == pytest.approx(sum(report.seconds.values()))
+
+
+# -- lecture mode, the ask box and explanations (issue 13) ------------------------------------
+def ask_tables(at: AppTest) -> tuple[list[dict], list[dict]]:
+    """The ask box's two tables (original, this session's): the last two on the page."""
+    original, mine = at.dataframe[-2:]
+    return original.value.to_dict("records"), mine.value.to_dict("records")
+
+
+def test_history_page_asks_the_original_and_the_edited_model(tiny_app):
+    from emmet_core.readout import top_next_tokens
+    from emmet_core.request import EditRequest
+
+    at = app().switch_page("app_pages/history.py").run()
+    prompt = "The mother tongue of Danielle Darrieux is"
+    at.text_input(key="history_ask").set_value(prompt).run()
+    assert not at.exception and not at.error
+    original, mine = ask_tables(at)
+    assert len(original) == 5 and original == mine  # no edits yet: the same model
+    assert any(m.value == "**This session's model (0 edits)**" for m in at.markdown)
+    session = session_of(at, tiny_app)
+    session.edit([EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English", "French")], "rome")
+    at.run()
+    assert not at.exception and not at.error
+    after_original, after_mine = ask_tables(at)
+    assert after_original == original and after_mine != original  # the original column is unchanged
+    assert any(m.value == "**This session's model (1 edit)**" for m in at.markdown)
+    expected = session.run(lambda loaded: top_next_tokens(loaded, prompt))
+    assert [row["P"] for row in after_mine] == [
+        f"{p:.1%}" if p >= 0.001 else f"{p:.1e}" for _, p in expected]
+    assert at.dataframe[0].value["P(new) before → after"][0] == "–"  # not read by the Edit page: a dash
+    at.text_input(key="history_ask").set_value("secret, " * 44 + "end").run()
+    assert not at.exception and len(at.text_input(key="history_ask").value) == 300  # the box takes 300 characters
+    assert [e.value for e in at.error] == [  # the tiny model's context is 128 tokens; the input is not echoed
+        "Asking the model: the prompt is 226 tokens long, more than the model's context of 128"]
+
+
+def test_lecture_mode_prepares_the_examples_and_enlarges_the_charts(tiny_app):
+    from emmet_core.request import EditRequest
+
+    at = app()
+    assert not at.get("html") and not [b for b in at.sidebar.button if b.key == "prepare_examples"]
+    at.toggle(key="lecture_mode").set_value(True).run()
+    assert not at.exception and "font-size" in at.get("html")[0].proto.body  # the projector CSS
+    at.button(key="prepare_examples").click().run()
+    assert not at.exception and not at.error
+    prepared = at.session_state["prepared"][tiny_app["name"]]
+    assert list(prepared) == ["rome"] and prepared["rome"].facts == 6
+    assert any(c.value.startswith("Prepared: ROME (6 facts") for c in at.sidebar.caption)
+    assert len(list((tiny_app["root"] / "cache" / "values").rglob("*.safetensors"))) >= 6
+    session = session_of(at, tiny_app)
+    example = EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English")
+    record = session.edit([example], "rome", cache_values=True, refuse_current=False).record
+    assert record.values_cached == 1  # v* of the prepared example, read from the cache
+    at.switch_page("app_pages/learn.py").run()
+    assert not at.exception and at.toggle(key="lecture_mode").value  # the switch holds across pages
+    shown = charts(at)
+    assert shown["learn_keys"]["layout"]["font"]["size"] == 18 and shown["learn_spectrum"]["layout"]["height"] == 450
+    assert sum(c.value.startswith("**Good:**") for c in at.caption) == 5  # one under each chart
+    assert any("covariance weight" in m.value and "mom2_update_weight" in m.value for m in at.markdown)
+
+
+def test_batch_and_lifelong_pages_say_what_the_editors_do(tiny_app):
+    at = app().switch_page("app_pages/batch.py").run()
+    assert not at.exception
+    captions = [c.value for c in at.caption]
+    assert any(c.startswith("EMMET writes a batch") and c.endswith("see the Learn page.") for c in captions)
+    assert [link.proto.page for link in at.get("page_link")] and "learn" in at.get("page_link")[0].proto.page
+    at.switch_page("app_pages/lifelong.py").run()
+    captions = [c.value for c in at.caption]
+    assert any(c.startswith("MEMIT writes") for c in captions)
+    assert any(c.startswith("ENCORE is MEMIT") for c in captions)

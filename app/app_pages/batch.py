@@ -59,7 +59,7 @@ def table(report: BatchReport, margin: float) -> list[dict]:
                "new": record.request.target_new, "known before": "yes" if pre.get("ES") == 1.0 else ""}
         for metric in ("ES", "PS", "NS"):
             if metric in post:
-                row[metric] = f"{pre.get(metric, float('nan')):.0%} → {mark(post, metric, margin)}"
+                row[metric] = f"{common.format_value(pre.get(metric), 'share')} → {mark(post, metric, margin)}"
         out.append(row)
     return out
 
@@ -82,18 +82,23 @@ def render(report: BatchReport) -> None:
     columns = st.columns(5)
     for column, metric in zip(columns, ("ES", "PS", "NS", "S", "GE")):
         if metric in post:
-            unit = " bits" if metric == "GE" else ""
             change = post[metric] - pre.get(metric, 0.0)
             weak = weak_wins(report.after, metric, margin) if metric in ("ES", "PS", "NS") else 0
-            column.metric(metric, f"{post[metric]:.1f}{unit}", f"{change:+.1f}" if abs(change) >= 0.05 else None,
+            column.metric(metric, common.format_value(post[metric], "bits" if metric == "GE" else "score"),
+                          f"{change:+.1f}" if abs(change) >= 0.05 else None,
                           help=f"{weak} of the facts pass by less than the clear margin ({margin:g} nats)"
                           if weak else None)
             if weak:
                 column.caption(f"{weak} weak (✓?)")
     left, right = st.columns([1, 1])
-    left.plotly_chart(figures.summary_chart(pre, post), key="batch_summary")
+    with left:
+        st.plotly_chart(common.for_screen(figures.summary_chart(pre, post)), key="batch_summary")
+        common.good("ES and PS near 100, NS near the unedited model's, GE within ~0.3 bits of it.")
     labels = [f"{r.request.subject} → {r.request.target_new}" for r in report.records]
-    right.plotly_chart(figures.batch_success_chart(labels, report.before, report.after), key="batch_success")
+    with right:
+        st.plotly_chart(common.for_screen(figures.batch_success_chart(labels, report.before, report.after)),
+                        key="batch_success")
+        common.good("green ES and PS in every row, and NS as green as before the edit (hover: before → after).")
     st.caption("Good: ES and PS near 100 with clear margins (✓, not ✓?), NS near its value before the edit, "
                "GE within about 0.3 bits of before.")
     st.dataframe(table(report, margin), hide_index=True, column_config={
@@ -120,6 +125,8 @@ chunk = middle.number_input("Facts per solve (0: all at once)", 0, MAX_FACTS, 0,
                             help="Smaller batches are applied one after the other and all kept.")
 gen_tokens = right.number_input("Generated tokens per text (GE)", 0, 200, 0, step=10, key="batch_gen_tokens",
                                 help="0 skips generation (faster).")
+with left:
+    common.editor_help(algorithm or "emmet")
 if st.button("Run the batch", type="primary", icon=":material/play_arrow:", disabled=not records, key="run_batch"):
     run(session, records or [], algorithm or "emmet", int(chunk), int(gen_tokens))
 shown = state.get("batch_report")

@@ -90,12 +90,18 @@ def render(result: CompareRun) -> None:
                "likely (×100); S: their harmonic mean; EM/PM/NM: the same as probability differences; GE: "
                "entropy of sampled text (bits); margins: the right object's mean log-probability per token "
                "minus the other's (nats); P: mean probability on the prompts; – : does not apply.")
-    st.plotly_chart(figures.margin_chart(result.fact_rows()), key="compare_margins")
+    st.plotly_chart(common.for_screen(figures.margin_chart(result.fact_rows(), threshold=common.clear_margin())),
+                    key="compare_margins")
+    common.good("each editor's rewrite and paraphrase points above the dashed clear-margin line, its neighbour "
+                "points as high as the unedited model's.")
     means = result.mean_rows()
-    st.plotly_chart(figures.compare_scores_chart(means), key="compare_scores")
-    st.plotly_chart(figures.compare_details_chart(means), key="compare_details")
+    st.plotly_chart(common.for_screen(figures.compare_scores_chart(means)), key="compare_scores")
+    common.good("every editor's ES and PS near 100 and NS near the unedited model's; S sums them up.")
+    st.plotly_chart(common.for_screen(figures.compare_details_chart(means)), key="compare_details")
+    common.good("for each editor, GE within ~0.3 bits of the unedited model's, P(new) far above P(old), a small ‖Δ‖.")
     with st.expander(f"Per fact ({len(result.fact_rows())} rows: fact × editor × repeat)"):
-        st.dataframe(comparison.fact_table(result), hide_index=True, key="compare_per_fact")
+        st.dataframe(comparison.fact_table(result, threshold=common.clear_margin()), hide_index=True,
+                     key="compare_per_fact")
     left, right = st.columns(2)
     left.download_button("Download everything (JSON)", result.to_json(), file_name="emmet-compare.json",
                          mime="application/json", icon=":material/download:", on_click="ignore", key="compare_json")

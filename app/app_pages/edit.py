@@ -89,7 +89,8 @@ def fact_inputs(session: Session) -> None:
                     help="Filled in with what the model says; change it if you mean another old object.")
     with middle:
         st.segmented_control("Editor", list(ALGORITHMS), key="algorithm", default="rome",
-                             format_func=ALGORITHMS.get, required=True)
+                             format_func=ALGORITHMS.get, required=True,
+                             help="\n\n".join(f"**{ALGORITHMS[a]}**: {common.EDITORS_HELP[a]}" for a in ALGORITHMS))
     right.number_input("Generated tokens per text", 0, 200, 40, step=10, key="gen_tokens",
                        help="Sampled continuations before and after (for the generation entropy); 0 skips them.")
     left, right = st.columns(2)
@@ -124,11 +125,12 @@ def advanced(session: Session, algorithm: str) -> dict:
         values["v_weight_decay"] = second.number_input("Weight decay", 0.0, 10.0, preset.v_weight_decay,
                                                        format="%.4f", key=prefix + "decay")
         if algorithm != "rome":
-            values["mom2_update_weight"] = third.number_input("Covariance weight m (λ)", 0.0, 1e6,
-                                                              float(preset.mom2_update_weight),
-                                                              key=prefix + "mom2")
+            values["mom2_update_weight"] = third.number_input(
+                "Covariance weight m", 0.0, 1e6, float(preset.mom2_update_weight), key=prefix + "mom2",
+                help="How much the preserved keys weigh against the new facts (mom2_update_weight; the MEMIT "
+                     "paper's λ). See the Learn page.")
         if algorithm == "emmet":
-            values["emmet_lambda"] = fourth.number_input("EMMET λ (ridge = m·λ)", 0.0, 100.0, preset.emmet_lambda,
+            values["emmet_lambda"] = fourth.number_input("EMMET λ (ridge ρ = m·λ)", 0.0, 100.0, preset.emmet_lambda,
                                                          format="%.3f", key=prefix + "lambda")
         if algorithm == "alphaedit":
             values["nullspace_threshold"] = fourth.number_input(
@@ -168,7 +170,7 @@ def apply(session: Session, algorithm: str, settings: dict) -> bool:
             progress = common.Progress(timed=True)
             try:
                 report = edit_fact(session, request, checks, algorithm, hp, on_phase=progress,
-                                   on_wait=progress.waiting)
+                                   on_wait=progress.waiting, cache_values=common.lecture_mode())
             except BaseException:
                 status.update(label="The edit was not applied", state="error")
                 raise
@@ -205,24 +207,28 @@ def render(report: EditReport, session: Session) -> None:
     columns[3].metric("Neighbours kept", f"{neighbours['passed']} / {neighbours['total']}",
                       f"{neighbours['weak']} weak" if neighbours["weak"] else None, delta_color="off",
                       help="Kept: the neighbour's own object still more likely than the new object.")
-    columns[4].metric("‖Δ‖", ", ".join(f"{v:.3g}" for v in report.record.norms.values()),
+    columns[4].metric("‖Δ‖", ", ".join(common.format_value(v, "norm") for v in report.record.norms.values()),
                       help="Frobenius norm of the update of each edited layer.")
     columns[5].metric("Time", f"{report.total_seconds:.1f} s",
                       help="What you waited: reading the model before, the edit, reading after, the texts.")
     left, right = st.columns(2)
-    left.plotly_chart(figures.prompt_chart(before.rewrite, after.rewrite), key="chart_prompt")
-    left.caption("Good: P(new) high after the edit, P(old) low.")
+    with left:
+        st.plotly_chart(common.for_screen(figures.prompt_chart(before.rewrite, after.rewrite)), key="chart_prompt")
+        common.good("P(new) high after the edit, P(old) low.")
     if after.paraphrases:
-        right.plotly_chart(figures.paraphrase_chart(before.paraphrases, after.paraphrases, margin),
-                           key="chart_paraphrases")
-        right.caption(f"Good: every paraphrase ✓ (new object more likely by ≥ {margin:g} nats per token).")
+        with right:
+            st.plotly_chart(common.for_screen(figures.paraphrase_chart(before.paraphrases, after.paraphrases,
+                                                                       margin)), key="chart_paraphrases")
+            common.good(f"every paraphrase ✓: the new object more likely by ≥ {margin:g} nats per token "
+                        "(✓? is a win by less).")
     else:
         right.info("No paraphrases given: add some above to check that the edit generalises.")
     left, right = st.columns(2)
     if after.neighbours:
-        left.plotly_chart(figures.neighbour_chart(before.neighbours, after.neighbours, margin),
-                          key="chart_neighbours")
-        left.caption("Good: bars unchanged; the neighbours keep their own object.")
+        with left:
+            st.plotly_chart(common.for_screen(figures.neighbour_chart(before.neighbours, after.neighbours, margin)),
+                            key="chart_neighbours")
+            common.good("bars unchanged: each neighbour keeps its own object (✓).")
     else:
         left.info("No neighbours given: add other subjects of the same relation to check that they stay.")
     entropy_slot = right.empty()
@@ -235,16 +241,14 @@ def tables(report: EditReport, threshold: float) -> None:
     before, after = report.before, report.after
     with st.expander("Probabilities per prompt"):
         rows = [{"kind": kind, "prompt": a.prompt, "object": a.new if kind == "paraphrase" else a.true,
-                 "P before": b.p_new if kind == "paraphrase" else b.p_true,
-                 "P after": a.p_new if kind == "paraphrase" else a.p_true,
+                 "P before": common.format_value(b.p_new if kind == "paraphrase" else b.p_true),
+                 "P after": common.format_value(a.p_new if kind == "paraphrase" else a.p_true),
                  "result": (a.as_new(threshold) if kind == "paraphrase" else a.as_kept(threshold)).label()}
                 for kind, pairs in (("paraphrase", zip(before.paraphrases, after.paraphrases)),
                                     ("neighbour", zip(before.neighbours, after.neighbours)))
                 for b, a in pairs]
         if rows:
             st.dataframe(rows, hide_index=True, column_config={
-                "P before": st.column_config.NumberColumn(format="%.3g"),
-                "P after": st.column_config.NumberColumn(format="%.3g"),
                 "result": st.column_config.TextColumn(help="✓ clear win, ✓? win by less than the clear margin, "
                                                            "✗ failed, = the two objects are the same text; "
                                                            "the number is the margin in nats per token")})
@@ -292,29 +296,33 @@ def texts(report: EditReport, session: Session, entropy_slot) -> None:
                               f"{common.escape(reading.texts[index])}")
     if report.after.texts:
         with entropy_slot.container():
-            st.plotly_chart(figures.entropy_chart(report.generation_prompts, report.before.entropy,
-                                                  report.after.entropy), key="chart_entropy")
-            st.caption("Good: after ≈ before (the unedited model's is typically 5–6 bits here); a drop means "
-                       "repetitive text.")
+            st.plotly_chart(common.for_screen(figures.entropy_chart(
+                report.generation_prompts, report.before.entropy, report.after.entropy)), key="chart_entropy")
+            common.good("after within about 0.3 bits of before; a clear drop means the text turned repetitive.")
 
 
 def numbers(report: EditReport) -> None:
     record = report.record
     st.markdown("##### The edit's numbers")
     left, right = st.columns(2)
-    left.plotly_chart(figures.norm_chart(record.norms), key="chart_norms")
-    right.plotly_chart(figures.phase_chart({**record.seconds, **report.seconds, "total": report.total_seconds}),
-                       key="chart_phases")
+    with left:
+        st.plotly_chart(common.for_screen(figures.norm_chart(record.norms)), key="chart_norms")
+        common.good("small: the smaller the update, the less the rest of the model moves.")
+    with right:
+        st.plotly_chart(common.for_screen(figures.phase_chart(
+            {**record.seconds, **report.seconds, "total": report.total_seconds})), key="chart_phases")
+        common.value_cache_caption(record)
     with st.expander("Hyper-parameters used"):
         st.json(record.results[0].hparams.to_dict(), expanded=False)
 
 
 session = common.require_session()
 st.title("Edit a fact")
-st.caption("Rewrite one fact inside the model with ROME, MEMIT or EMMET, then see what changed: the prompt, its "
-           "paraphrases, other subjects of the same relation, and the text the model writes.")
+st.caption("Rewrite one fact inside the model with ROME, MEMIT, EMMET, AlphaEdit or ENCORE, then see what changed: "
+           "the prompt, its paraphrases, other subjects of the same relation, and the text the model writes.")
 fact_inputs(session)
 algorithm = state.get("algorithm") or "rome"
+common.editor_help(algorithm)
 settings = advanced(session, algorithm)
 if state.pop("_cancelled", False):
     st.info("The edit was cancelled: nothing was changed.", icon=":material/cancel:")
@@ -326,6 +334,8 @@ if shown is not None and shown[0] == session.id:
     render(shown[1], session)
 if applied:  # once the texts are written: the sidebar's edit count is drawn before the page
     st.rerun()
+st.divider()
+common.ask_box(session, key="edit_ask")
 if state.pop("_answer_pending", False):  # the model was busy: try the old object again shortly
     time.sleep(1.0)
     st.rerun()

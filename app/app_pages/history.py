@@ -1,4 +1,5 @@
-"""History page: this session's edits, undo and reset, the edit log and the edited model."""
+"""History page: this session's edits, undo and reset, the edit log, a prompt put to the
+original and the edited model side by side, and the edited model to download."""
 
 import time
 from pathlib import Path
@@ -21,8 +22,9 @@ def rows(session: Session) -> list[dict]:
             "time": time.strftime("%H:%M:%S", time.localtime(record.created)),
             "edit": record.label,
             "layers": ", ".join(map(str, record.layers)),
-            "‖Δ‖": ", ".join(f"{v:.3g}" for v in record.norms.values()),
-            "P(new) before → after": f"{common.percent(p_new[0])} → {common.percent(p_new[1])}" if p_new else "",
+            "‖Δ‖": ", ".join(common.format_value(v, "norm") for v in record.norms.values()),
+            "P(new) before → after": (f"{common.format_value(p_new[0])} → {common.format_value(p_new[1])}"
+                                      if p_new else common.format_value(None)),
             "seconds": round(record.seconds.get("total", 0.0), 1),
         })
     return out
@@ -34,7 +36,16 @@ def undo(session: Session) -> None:
         state.history_message = f"Undone: {record.label}"
 
 
+def ask_reset() -> None:
+    state["_confirm_reset"] = True
+
+
+def keep_edits() -> None:
+    state.pop("_confirm_reset", None)
+
+
 def reset(session: Session) -> None:
+    state.pop("_confirm_reset", None)
     session.reset()
     state.history_message = "Back to the original model."
 
@@ -70,9 +81,19 @@ else:
 left, middle, right = st.columns(3)
 left.button("Undo the last edit", on_click=undo, args=(session,), disabled=not session.records,
             icon=":material/undo:", key="undo")
-middle.button("Reset to the original model", on_click=reset, args=(session,), disabled=not session.records,
-              icon=":material/restart_alt:", key="reset")
+middle.button("Reset to the original model", on_click=ask_reset, disabled=not session.records,
+              icon=":material/restart_alt:", key="reset", help="Asks first: a reset forgets every edit.")
 right.download_button("Download the edit log (JSON)", session.log_json(), file_name="emmet-edit-log.json",
                       mime="application/json", icon=":material/data_object:", on_click="ignore")
+st.divider()
+common.ask_box(session, key="history_ask")
+if state.get("_confirm_reset") and session.records:
+    with st.container(border=True):
+        count = len(session.records)
+        st.warning(f"Forget all {count} edit{'s' if count != 1 else ''} of this session? This cannot be undone "
+                   "(download the edit log or the model first if you need them).", icon=":material/warning:")
+        yes, no = st.columns(2)
+        yes.button("Yes, reset", on_click=reset, args=(session,), type="primary", key="reset_confirm")
+        no.button("Keep my edits", on_click=keep_edits, key="reset_cancel")
 st.divider()
 export(session)

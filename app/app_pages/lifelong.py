@@ -71,8 +71,10 @@ def render(run: LifelongRun) -> None:
         for lane in run.lanes))
     if not any(lane.curves for lane in run.lanes):
         return
-    st.plotly_chart(figures.lifelong_chart([(lane.algorithm, lane.curves) for lane in run.lanes]),
-                    key="lifelong_chart")
+    chart = figures.lifelong_chart([(lane.algorithm, lane.curves) for lane in run.lanes])
+    st.plotly_chart(common.for_screen(chart), key="lifelong_chart")
+    common.good("S of the edited facts stays high as facts pile up, untouched facts stay kept, GE and perplexity "
+                "stay near their values at 0 edits, and ‖W − W₀‖ grows slowly.")
     columns = st.columns(len(run.lanes))
     for column, lane in zip(columns, run.lanes):
         if lane.curves:
@@ -80,10 +82,10 @@ def render(run: LifelongRun) -> None:
             first = lane.curves[0]
             column.markdown(f"**{EDITOR_NAMES[lane.algorithm]}** after {last['edits']} facts "
                             f"({lane.seconds:.0f} s of editing)")
-            kept, ge = last.get("heldout_kept"), last.get("GE")
-            column.caption(f"edited facts S {last['retention'].get('S', float('nan')):.0f} · untouched facts kept "
-                           f"{'–' if kept is None else f'{kept:.0f}%'} · GE "
-                           f"{'–' if ge is None else f'{ge:.2f}'} bits (unedited {first.get('GE') or 0:.2f})")
+            value = common.format_value
+            column.caption(f"edited facts S {value(last['retention'].get('S'), 'score')} · untouched facts kept "
+                           f"{value(last.get('heldout_kept'), 'percent')} · GE {value(last.get('GE'), 'bits')} "
+                           f"(unedited {value(first.get('GE'), 'bits')})")
     st.markdown(f"##### What the model writes after *{common.escape(run.watch.prompt)}*")
     rows = {}
     for lane in run.lanes:
@@ -112,6 +114,7 @@ prompt = st.text_input("Watched prompt", FIXED_PROMPT, key="lifelong_prompt",
                        help="Its continuation is generated at every checkpoint, so the effect reads in words.")
 if len(algorithms or []) > 2:
     st.warning("Side by side works for two editors; the first two are used.")
+common.editor_help(*list(algorithms or [])[:2])
 shown = state.get("lifelong")
 run = shown[1] if shown is not None and shown[0] == session.loaded.name else None
 buttons = st.columns(5)

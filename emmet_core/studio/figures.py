@@ -15,6 +15,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from .display import format_probability
 from .judge import CLEAR_MARGIN
 from .workflows import CompareRow, PromptScore
 
@@ -44,7 +45,34 @@ def wrap(text: str, width: int = 42, lines: int = 2) -> str:
 
 
 def _pct(p: float) -> str:
-    return f"{p:.1%}" if p >= 0.001 else f"{p:.1e}"
+    return format_probability(p)
+
+
+# -- lecture mode --------------------------------------------------------------------------
+PLOTLY_FONT = 12  # plotly's default font size, which every unset size inherits
+
+
+def scale_for_projector(fig: go.Figure, factor: float = 1.5) -> go.Figure:
+    """A copy of ``fig`` with every font (titles, axes, ticks, legend, panel titles, bar
+    labels) ``factor`` times larger, and the figure and its margins as much taller, so
+    that it reads from the back of a lecture hall. The data are untouched."""
+    out = go.Figure(fig)
+    layout = out.layout
+    out.update_layout(font_size=(layout.font.size or PLOTLY_FONT) * factor)
+    fonts = [layout.title.font, layout.legend.font, *(a.font for a in layout.annotations)]
+    for axis in (*out.select_xaxes(), *out.select_yaxes()):
+        fonts += [axis.tickfont, axis.title.font]
+    fonts += [trace.textfont for trace in out.data if "textfont" in trace]
+    for font in fonts:
+        if font.size is not None:  # unset sizes follow the layout's font, scaled above
+            font.size *= factor
+    if layout.height is not None:
+        out.update_layout(height=round(layout.height * factor))
+    margin = {side: round(getattr(layout.margin, side) * factor) for side in "lrtb"
+              if getattr(layout.margin, side) is not None}
+    if margin:
+        out.update_layout(margin=margin)
+    return out
 
 
 # -- Edit page -----------------------------------------------------------------------------

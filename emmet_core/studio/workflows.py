@@ -162,7 +162,9 @@ def edit_fact(session: Session, request: EditRequest, checks: FactChecks, algori
               on_wait: Callable[[], None] | None = None, cache_values: bool = False) -> EditReport:
     """Apply one fact to the session and read its probabilities before and after; the
     texts (``checks.gen_tokens``) are left to :func:`generate_texts`, so a page can show
-    the answer first."""
+    the answer first. ``cache_values``: v* from the disk cache when the session's
+    weights are the original ones (lecture mode, after the examples were prepared); the
+    record says whether it was used."""
     clock: dict[str, float] = {}
 
     def timed(name: str):

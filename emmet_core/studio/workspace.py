@@ -72,6 +72,11 @@ class EditRecord:
         return combined_norms(self.results)
 
     @property
+    def values_cached(self) -> int:
+        """Facts whose v* came from the disk cache (0 unless the edit asked for the cache)."""
+        return sum(result.values_cached for result in self.results)
+
+    @property
     def seconds(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for result in self.results:
@@ -87,6 +92,7 @@ class EditRecord:
             "layers": self.layers,
             "delta_norms": {str(k): v for k, v in self.norms.items()},
             "seconds": self.seconds,
+            "values_cached": self.values_cached,
             "requests": [vars(r) for r in self.requests],
             "hparams": self.results[0].hparams.to_dict() if self.results else None,
             "summary": self.summary,
