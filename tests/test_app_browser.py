@@ -1,9 +1,13 @@
 """End to end in a real browser: `streamlit run` on localhost, Debian's Chromium driven by
 Playwright, the default model. Types a fact, applies ROME, waits for the charts and saves
-a screenshot to tests/artifacts/ (ignored by git) for a person to look at."""
+a screenshot to tests/artifacts/ (ignored by git) for a person to look at; also lecture
+mode, a multi-fact comparison and a lifelong run. The Edit page's waits (click to charts,
+click to texts) are written to tests/artifacts/edit-page-timings.json: figures to read,
+not assertions."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -107,10 +111,18 @@ def test_type_a_fact_apply_rome_and_see_the_charts(server, chromium):
             page.mouse.click(1200, 960)  # a blank spot: nothing focused, no tooltip
             page.mouse.move(0, 0)
             page.screenshot(path=str(ARTIFACTS / "edit-page-filled.png"))
+            clicked = time.perf_counter()
             apply.click()
             expect(page.get_by_text("Probability on the prompt")).to_be_visible(timeout=600_000)
+            to_charts = time.perf_counter() - clicked
             expect(page.get_by_text("The Eiffel Tower is located in the city of … Paris → Rome")).to_be_visible()
+            expect(page.get_by_text("Generation entropy")).to_be_visible(timeout=300_000)  # drawn once texts are done
+            to_texts = time.perf_counter() - clicked
             expect(page.locator(".js-plotly-plot")).to_have_count(6, timeout=30_000)
+            timings = {"click_to_charts_s": round(to_charts, 2), "click_to_texts_s": round(to_texts, 2),
+                       "load_average_1min": os.getloadavg()[0], "cpus": os.cpu_count(),
+                       "goal": "charts <= 5 s, texts <= 8 s on the idle 2-core CPU with stats cached"}
+            (ARTIFACTS / "edit-page-timings.json").write_text(json.dumps(timings, indent=2) + "\n")
             assert page.get_by_text("Traceback").count() == 0
             probability = page.get_by_test_id("stMetric").filter(has_text="P(Rome)")
             value = probability.get_by_test_id("stMetricValue").inner_text()
@@ -160,3 +172,59 @@ def test_a_lifelong_run_streams_facts_and_draws_its_curves(server, chromium):
         finally:
             browser.close()
     assert (ARTIFACTS / "lifelong-page.png").stat().st_size > 50_000
+
+
+def test_lecture_mode_and_a_comparison_of_several_facts(server, chromium):
+    """Lecture mode on: an example edited with texts written only when asked, the ask box
+    answering with the original and the edited model side by side; then Compare on three
+    sampled CounterFact facts with ROME and EMMET, with its margin chart."""
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(server)
+            apply = page.get_by_role("button", name="Apply edit with ROME")
+            apply.wait_for(timeout=180_000)
+            page.get_by_text("Lecture mode").click()
+            old = page.get_by_role("textbox", name="Old object (the model's answer now)")
+            expect(old).not_to_have_value("", timeout=120_000)
+            apply.click()
+            expect(page.get_by_text("Probability on the prompt")).to_be_visible(timeout=600_000)
+            write = page.get_by_role("button", name=re.compile("Write 2 texts"))
+            expect(write).to_be_visible()
+            assert page.get_by_text("Generation entropy").count() == 0  # no texts until asked
+            write.click()
+            expect(page.get_by_text("Generation entropy")).to_be_visible(timeout=300_000)
+            ask = page.get_by_role("textbox", name="Prompt", exact=True)
+            ask.fill("The mother tongue of Danielle Darrieux is")
+            ask.press("Enter")
+            expect(page.get_by_text("This session's model")).to_be_visible(timeout=120_000)
+            assert page.get_by_text("Traceback").count() == 0
+            full_page_screenshot(page, ARTIFACTS / "edit-page-lecture-mode.png")
+
+            page.set_viewport_size({"width": 1400, "height": 1000})
+            page.goto(f"{server}/compare")
+            page.get_by_text("Sample from CounterFact").click()
+            count = page.get_by_label("Facts to sample", exact=True)
+            count.fill("3")
+            count.press("Enter")
+            tokens = page.get_by_label("Generated tokens per text (GE)", exact=True)
+            tokens.fill("0")
+            tokens.press("Enter")
+            page.get_by_role("button", name="MEMIT", exact=True).click()  # ROME and EMMET stay chosen
+            page.wait_for_timeout(1000)
+            page.get_by_role("button", name="Run the comparison").click()
+            expect(page.get_by_text("3 facts × 2 editors × 1 repeat")).to_be_visible(timeout=600_000)
+            expect(page.locator(".js-plotly-plot")).to_have_count(3, timeout=30_000)
+            assert page.get_by_text("Traceback").count() == 0
+            full_page_screenshot(page, ARTIFACTS / "compare-several-facts.png")
+        except Exception:
+            full_page_screenshot(page, ARTIFACTS / "lecture-compare-failure.png")
+            (ARTIFACTS / "lecture-compare-failure.txt").write_text(page.inner_text("body"), encoding="utf-8")
+            raise
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "compare-several-facts.png").stat().st_size > 50_000

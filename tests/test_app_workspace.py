@@ -327,3 +327,24 @@ def test_the_edit_page_and_compare_give_the_same_numbers_for_the_same_edit(share
     (_, row) = compare(shared, [record_for(request, [], [])], ["emmet"], hparams={"emmet": hparams})
     assert row.norms == report.record.norms
     assert row.p_new == [report.after.rewrite.p_new] and row.p_true == [report.after.rewrite.p_true]
+
+
+class _Interrupted(BaseException):
+    """What Streamlit raises inside a running script when the user clicks Cancel."""
+
+
+def test_a_cancelled_edit_changes_nothing_and_frees_the_model(shared):
+    session = Session(shared)
+    original = weights_of(shared.loaded.model)
+
+    def cancel_in_values(phase: str) -> None:
+        if phase.startswith("values: step 2"):  # between two optimisation steps
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        edit_fact(session, DARRIEUX, FactChecks(), "rome", hp(session, "rome", shared.corpus),
+                  on_phase=cancel_in_values)
+    assert session.records == [] and same_weights(shared.loaded.model, original)
+    assert not shared.lock.locked()
+    report = edit_fact(session, DARRIEUX, FactChecks(), "rome", hp(session, "rome", shared.corpus))
+    assert session.records == [report.record]  # the next edit runs as usual
