@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
-from transformers.generation.streamers import BaseStreamer
 
 from .errors import InvalidRequestError
 from .models import LoadedModel
@@ -185,23 +184,21 @@ def decoding_threads(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-class _TextStream(BaseStreamer):
-    """Hands the text generated so far to ``on_text`` after every new token."""
+class _Watch(LogitsProcessor):
+    """Hands the texts generated so far (one per row) to ``on_texts`` before every new
+    token is chosen; changes no score. Works for a whole batch, unlike transformers'
+    streamers."""
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None]) -> None:
-        self.tokenizer, self.on_text = tokenizer, on_text
-        self.ids: list[int] = []
-        self.prompt_seen = False
+    def __init__(self, tokenizer, on_texts: Callable[[list[str]], None]) -> None:
+        self.tokenizer, self.on_texts = tokenizer, on_texts
+        self.start: int | None = None
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() hands over the prompt first
-            self.prompt_seen = True
-            return
-        self.ids.extend(value.reshape(-1).tolist())
-        self.on_text(self.tokenizer.decode(self.ids, skip_special_tokens=True))
-
-    def end(self) -> None:
-        pass
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        if input_ids.shape[1] > self.start:
+            self.on_texts(self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True))
+        return scores
 
 
 @torch.no_grad()
@@ -212,27 +209,28 @@ def generate(
     batch_size: int = 16,
     top_k: int | None = None,
     seed: int = 0,
-    on_text: Callable[[str], None] | None = None,
+    on_texts: Callable[[list[str]], None] | None = None,
 ) -> list[str]:
     """Continuations: greedy by default (before/after texts are comparable), or top-k
     sampling with ``seed`` (for generation entropy). Sampling uses per-prompt generators,
     so a text depends on (seed, prompt, weights) only: not on the global RNG, nor on the
-    batch the prompt happened to share. ``on_text`` (one prompt only) hears the text so
-    far after every token, for a page that shows it as it is written."""
-    if on_text is not None and len(prompts) != 1:
-        raise ValueError("on_text streams one prompt at a time")
+    batch the prompt happened to share. ``on_texts`` hears the texts so far (one per
+    prompt) as they grow, for a page that shows them as they are written."""
+    if on_texts is not None and len(prompts) > batch_size:
+        raise ValueError(f"on_texts follows one batch: at most {batch_size} prompts")
     tok = loaded.tokenizer
     texts: list[str] = []
     for first in range(0, len(prompts), batch_size):
         chunk = [p.rstrip() for p in prompts[first : first + batch_size]]
         enc = tok(chunk, padding=True, padding_side="left")
         enc = {name: torch.tensor(enc[name], device=loaded.device) for name in ("input_ids", "attention_mask")}
-        sampler = LogitsProcessorList([_RowSeededTopK(chunk, top_k, seed, max_new_tokens)]) if top_k else None
-        streamer = _TextStream(tok, on_text) if on_text is not None else None
+        processors = LogitsProcessorList([_RowSeededTopK(chunk, top_k, seed, max_new_tokens)] if top_k else [])
+        if on_texts is not None:
+            processors.insert(0, _Watch(tok, on_texts))
         with decoding_threads(loaded.device):
             out = loaded.model.generate(
-                **enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, logits_processor=sampler,
-                do_sample=False, top_k=None, top_p=None, temperature=None, streamer=streamer,
+                **enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                logits_processor=processors or None, do_sample=False, top_k=None, top_p=None, temperature=None,
             )
         texts.extend(tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
     return texts

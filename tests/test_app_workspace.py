@@ -187,11 +187,12 @@ def test_edit_report_log_and_export(shared, tmp_path):
     assert checks.neighbours[0][1]  # the neighbour's object is the model's own answer, fixed before the edit
     assert report.after.neighbours[0].true == report.before.neighbours[0].true == checks.neighbours[0][1]
     assert report.texts_pending and report.after.texts == []  # probabilities first, texts on demand
-    streamed: list[tuple[str, int, str]] = []
-    generate_texts(session, report, on_text=lambda side, i, text: streamed.append((side, i, text)))
+    streamed: list[tuple[str, list[str]]] = []
+    generate_texts(session, report, on_text=lambda side, texts: streamed.append((side, texts)))
     assert len(report.before.texts) == len(report.after.texts) == 2 and not report.texts_pending
-    assert {(side, i) for side, i, _ in streamed} == {("before", 0), ("before", 1), ("after", 0), ("after", 1)}
-    assert [t for side, i, t in streamed if (side, i) == ("after", 1)][-1] == report.after.texts[1]
+    assert [side for side, _ in streamed] == ["before"] * 7 + ["after"] * 7  # 8 tokens: seen before tokens 2…8
+    final = {side: texts for side, texts in streamed}
+    assert all(report.after.texts[i].startswith(final["after"][i]) for i in range(2))
     # The "before" texts are those of the weights just before this edit, read after it.
     fresh = Session(shared)
     assert fresh.run(lambda loaded: generate(loaded, [report.generation_prompts[0]], 8, top_k=5, seed=0)) == \

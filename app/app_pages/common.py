@@ -21,6 +21,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 import streamlit as st
+import torch
 
 from emmet_core.data import EvalRecord, load_dataset
 from emmet_core.errors import EditError
@@ -106,10 +107,23 @@ def default_placement() -> str:
     return next((label for label, value in PLACEMENTS.items() if value == wanted), "one device")
 
 
+def torch_threads() -> int:
+    """CPU threads for torch in the app: ``$EMMET_TORCH_THREADS``, else all cores but one.
+    The spare core keeps the server, the browser and anything else running responsive;
+    on a busy 2-core machine a second torch thread only spins (bench/edit_page.py: three
+    ROME edits did not finish in 500 s with two threads while an evaluation ran, one
+    thread did the edit and its readings in 9 s)."""
+    configured = os.environ.get("EMMET_TORCH_THREADS", "").strip()
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 @st.cache_resource(show_spinner=False, max_entries=2)
 def shared_model(name: str, device_map: str | None = None) -> SharedModel:
     """One copy per process for every session (on the GPU when there is one). Sessions
     never change it outside its lock, and leave it with its original weights."""
+    torch.set_num_threads(torch_threads())
     if device_map is None:
         return SharedModel(load_model(name, device="auto"))
     return SharedModel(load_model(name, device_map=device_map))

@@ -281,10 +281,11 @@ def texts(report: EditReport, session: Session, entropy_slot) -> None:
                     caption.caption(f"{side.capitalize()} · waiting")
                     body.markdown(f"**{common.escape(prompt)}** …")
     if report.texts_pending:
-        def show(side: str, index: int, text: str) -> None:
-            caption, body = slots[side, index]
-            caption.caption(f"{side.capitalize()} · writing…")
-            body.markdown(f"**{common.escape(report.generation_prompts[index])}** {common.escape(text)} ▌")
+        def show(side: str, so_far: list[str]) -> None:
+            for index, text in enumerate(so_far):
+                caption, body = slots[side, index]
+                caption.caption(f"{side.capitalize()} · writing…")
+                body.markdown(f"**{common.escape(report.generation_prompts[index])}** {common.escape(text)} ▌")
 
         with common.readable_errors("Writing the texts"):
             generate_texts(session, report, on_text=show)

@@ -56,7 +56,8 @@ def score_prompts(loaded: LoadedModel, prompts: list[str], new: list[str], true:
     """Score the new and the true object after each prompt."""
     if not prompts:
         return []
-    scores_new, scores_true = score_targets(loaded, prompts, new), score_targets(loaded, prompts, true)
+    both = score_targets(loaded, [*prompts, *prompts], [*new, *true])  # one batch: new and true together
+    scores_new, scores_true = both[: len(prompts)], both[len(prompts) :]
     return [PromptScore(p, n, t, a.prob, b.prob, a.mean_nll, b.mean_nll)
             for p, n, t, a, b in zip(prompts, new, true, scores_new, scores_true)]
 
@@ -96,13 +97,11 @@ class FactChecks:
             for i, answer in zip(missing, answers):
                 self.neighbours[i] = (self.neighbours[i][0], answer or "?")
         new, true = request.target_new, request.target_true or ""
-        rewrite = score_prompts(loaded, [request.text], [new], [true])[0]
-        count = len(self.paraphrases)
-        paraphrases = score_prompts(loaded, self.paraphrases, [new] * count, [true] * count)
-        hood_prompts = [p for p, _ in self.neighbours]
-        neighbours = score_prompts(loaded, hood_prompts, [new] * len(hood_prompts),
-                                   [t or "" for _, t in self.neighbours])
-        return Reading(rewrite, paraphrases, neighbours, [], [])
+        prompts = [request.text, *self.paraphrases, *(p for p, _ in self.neighbours)]
+        trues = [true] * (1 + len(self.paraphrases)) + [t or "" for _, t in self.neighbours]
+        scores = score_prompts(loaded, prompts, [new] * len(prompts), trues)  # one batch for every prompt
+        count = 1 + len(self.paraphrases)
+        return Reading(scores[0], scores[1:count], scores[count:], [], [])
 
 
 @dataclass
@@ -189,25 +188,25 @@ def edit_fact(session: Session, request: EditRequest, checks: FactChecks, algori
     return report
 
 
-TextCallback = Callable[[str, int, str], None]  # (before|after, prompt index, text so far)
+TextCallback = Callable[[str, list[str]], None]  # (before|after, the texts so far, one per prompt)
 
 
 def generate_texts(session: Session, report: EditReport, on_text: TextCallback | None = None,
                    on_wait: Callable[[], None] | None = None) -> None:
     """Sample the report's texts on the session's weights just before and just after its
-    edit (same seed), one text at a time (the model is released between texts, so other
-    sessions are not held up), and fill in the texts and their generation entropy."""
+    edit (same seed), all prompts of a side in one batch (the model is released between
+    the two sides, so other sessions are not held up for long), and fill in the texts
+    and their generation entropy."""
     if not report.texts_pending:
         return
     started = time.perf_counter()
-    states = dict(zip(("before", "after"), session.around(report.record)))
-    texts: dict[str, list[str]] = {"before": [], "after": []}
-    for index, prompt in enumerate(report.generation_prompts):
-        for side, deltas in states.items():
-            def sample(loaded: LoadedModel, side: str = side, index: int = index, prompt: str = prompt) -> list[str]:
-                stream = None if on_text is None else (lambda text: on_text(side, index, text))
-                return generate(loaded, [prompt], report.gen_tokens, top_k=5, seed=report.seed, on_text=stream)
-            texts[side] += session.run_on(deltas, sample, on_wait)
+    texts: dict[str, list[str]] = {}
+    for side, deltas in zip(("before", "after"), session.around(report.record)):
+        def sample(loaded: LoadedModel, side: str = side) -> list[str]:
+            stream = None if on_text is None else (lambda so_far: on_text(side, so_far))
+            return generate(loaded, report.generation_prompts, report.gen_tokens, top_k=5, seed=report.seed,
+                            on_texts=stream)
+        texts[side] = session.run_on(deltas, sample, on_wait)
     for side, reading in (("before", report.before), ("after", report.after)):
         reading.texts = texts[side]
         reading.entropy = [metrics.generation_entropy(t) for t in texts[side]]
