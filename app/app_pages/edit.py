@@ -195,7 +195,8 @@ def render(report: EditReport, session: Session) -> None:
                    f"“{request.target_true}” on this prompt: the edit proves little here.", icon=":material/info:")
     paraphrases = tally([p.as_new(margin) for p in after.paraphrases])
     neighbours = tally([p.as_kept(margin) for p in after.neighbours])
-    columns = st.columns(6)
+    # Six numbers in a row; on a projector's larger type two rows of three keep their labels whole.
+    columns = [*st.columns(3), *st.columns(3)] if common.lecture_mode() else st.columns(6)
     columns[0].metric(f"P({request.target_new})", common.percent(after.rewrite.p_new),
                       f"{(after.rewrite.p_new - before.rewrite.p_new) * 100:+.1f} pts",
                       help=f"Rewrite prompt after the edit: {after.rewrite.as_new(margin).label()} (margin in nats)")
@@ -311,7 +312,8 @@ def numbers(report: EditReport) -> None:
         common.good("small: the smaller the update, the less the rest of the model moves.")
     with right:
         st.plotly_chart(common.for_screen(figures.phase_chart(
-            {**record.seconds, **report.seconds, "total": report.total_seconds})), key="chart_phases")
+            {**{k: v for k, v in report.seconds.items() if k != "edit"}, **record.seconds,  # the edit by phase
+             "total": report.total_seconds})), key="chart_phases")
         common.value_cache_caption(record)
     with st.expander("Hyper-parameters used"):
         st.json(record.results[0].hparams.to_dict(), expanded=False)
