@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"emmet: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("emmet: interrupted (an eval resumes from its --out folder)", file=sys.stderr)
+        # On a line of its own: a progress bar may have been half-drawn when Ctrl-C came.
+        print("\nemmet: interrupted (an eval resumes from its --out folder)", file=sys.stderr)
         return 130
     return 0
 
