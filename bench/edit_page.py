@@ -6,8 +6,9 @@ the texts; plus sampling 2 × 40 tokens with one and with two CPU threads.
     python bench/edit_page.py [--runs 3] [--gen-tokens 40] [--threads]
 
 Statistics and templates are computed before timing (the state after a user's first
-edit). Writes bench/results/edit_page-DEVICE.json with the load average, since a busy
-machine changes these figures more than anything in the code.
+edit). Writes bench/results/edit_page-DEVICE-tTHREADS[-POLICY].json (POLICY:
+$OMP_WAIT_POLICY) with the load average, since a busy machine changes these figures more
+than anything in the code.
 """
 
 from __future__ import annotations
@@ -81,9 +82,11 @@ def main() -> None:
         "model": args.model, "device": device, "runs": args.runs, "gen_tokens": args.gen_tokens,
         "median_seconds": {name: statistics.median(run[name] for run in runs) for name in runs[0]},
         "runs_seconds": runs, "load_average_1min": os.getloadavg()[0], "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "versions": versions(),
+        "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "versions": versions(),
     }
-    path = ROOT / "bench" / "results" / f"edit_page-{device}.json"
+    policy = f"-{os.environ['OMP_WAIT_POLICY'].lower()}" if os.environ.get("OMP_WAIT_POLICY") else ""
+    path = ROOT / "bench" / "results" / f"edit_page-{device}-t{torch.get_num_threads()}{policy}.json"
     path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(out["median_seconds"], indent=2), flush=True)
     if args.threads:
