@@ -7,7 +7,7 @@ is a script in ``app/app_pages/``.
 
 import streamlit as st
 
-from app_pages import common
+from app_pages import classroom, common
 
 st.set_page_config(page_title="EMMET Studio", page_icon=":material/edit_note:", layout="wide")
 common.init_state()
@@ -27,7 +27,7 @@ common.model_picker()
 common.judgement_settings()
 current = common.session()
 common.sidebar_status(current)
-common.lecture_toggle()
-common.projector_css()
-common.prepare_panel(current)
+classroom.lecture_toggle()
+classroom.projector_css()
+classroom.prepare_panel(current)
 page.run()

@@ -7,7 +7,7 @@ import json
 
 import streamlit as st
 
-from app_pages import common
+from app_pages import classroom, common
 from emmet_core.data import EvalRecord
 from emmet_core.errors import InvalidRequestError
 from emmet_core.hparams import EDITOR_NAMES
@@ -92,11 +92,11 @@ def render(report: BatchReport) -> None:
                 column.caption(f"{weak} weak (✓?)")
     left, right = st.columns([1, 1])
     with left:
-        st.plotly_chart(common.for_screen(figures.summary_chart(pre, post)), key="batch_summary")
+        st.plotly_chart(classroom.for_screen(figures.summary_chart(pre, post)), key="batch_summary")
         common.good("ES and PS near 100, NS near the unedited model's, GE within ~0.3 bits of it.")
     labels = [f"{r.request.subject} → {r.request.target_new}" for r in report.records]
     with right:
-        st.plotly_chart(common.for_screen(figures.batch_success_chart(labels, report.before, report.after)),
+        st.plotly_chart(classroom.for_screen(figures.batch_success_chart(labels, report.before, report.after)),
                         key="batch_success")
         common.good("green ES and PS in every row, and NS as green as before the edit (hover: before → after).")
     st.caption("Good: ES and PS near 100 with clear margins (✓, not ✓?), NS near its value before the edit, "
@@ -126,7 +126,7 @@ chunk = middle.number_input("Facts per solve (0: all at once)", 0, MAX_FACTS, 0,
 gen_tokens = right.number_input("Generated tokens per text (GE)", 0, 200, 0, step=10, key="batch_gen_tokens",
                                 help="0 skips generation (faster).")
 with left:
-    common.editor_help(algorithm or "emmet")
+    classroom.editor_help(algorithm or "emmet")
 if st.button("Run the batch", type="primary", icon=":material/play_arrow:", disabled=not records, key="run_batch"):
     run(session, records or [], algorithm or "emmet", int(chunk), int(gen_tokens))
 shown = state.get("batch_report")

@@ -5,7 +5,7 @@ here is kept in the session. The logic is in emmet_core.studio.comparison."""
 
 import streamlit as st
 
-from app_pages import common
+from app_pages import classroom, common
 from emmet_core.data import EvalRecord
 from emmet_core.hparams import EDITOR_NAMES
 from emmet_core.request import EditRequest
@@ -90,14 +90,14 @@ def render(result: CompareRun) -> None:
                "likely (×100); S: their harmonic mean; EM/PM/NM: the same as probability differences; GE: "
                "entropy of sampled text (bits); margins: the right object's mean log-probability per token "
                "minus the other's (nats); P: mean probability on the prompts; – : does not apply.")
-    st.plotly_chart(common.for_screen(figures.margin_chart(result.fact_rows(), threshold=common.clear_margin())),
+    st.plotly_chart(classroom.for_screen(figures.margin_chart(result.fact_rows(), threshold=common.clear_margin())),
                     key="compare_margins")
     common.good("each editor's rewrite and paraphrase points above the dashed clear-margin line, its neighbour "
                 "points as high as the unedited model's.")
     means = result.mean_rows()
-    st.plotly_chart(common.for_screen(figures.compare_scores_chart(means)), key="compare_scores")
+    st.plotly_chart(classroom.for_screen(figures.compare_scores_chart(means)), key="compare_scores")
     common.good("every editor's ES and PS near 100 and NS near the unedited model's; S sums them up.")
-    st.plotly_chart(common.for_screen(figures.compare_details_chart(means)), key="compare_details")
+    st.plotly_chart(classroom.for_screen(figures.compare_details_chart(means)), key="compare_details")
     common.good("for each editor, GE within ~0.3 bits of the unedited model's, P(new) far above P(old), a small ‖Δ‖.")
     with st.expander(f"Per fact ({len(result.fact_rows())} rows: fact × editor × repeat)"):
         st.dataframe(comparison.fact_table(result, threshold=common.clear_margin()), hide_index=True,

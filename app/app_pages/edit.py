@@ -4,7 +4,7 @@ import time
 
 import streamlit as st
 
-from app_pages import common
+from app_pages import classroom, common
 from emmet_core.errors import EditError
 from emmet_core.hparams import EDITOR_NAMES, parse_layers
 from emmet_core.request import EditRequest
@@ -90,7 +90,7 @@ def fact_inputs(session: Session) -> None:
     with middle:
         st.segmented_control("Editor", list(ALGORITHMS), key="algorithm", default="rome",
                              format_func=ALGORITHMS.get, required=True,
-                             help="\n\n".join(f"**{ALGORITHMS[a]}**: {common.EDITORS_HELP[a]}" for a in ALGORITHMS))
+                             help="\n\n".join(f"**{ALGORITHMS[a]}**: {classroom.EDITORS_HELP[a]}" for a in ALGORITHMS))
     right.number_input("Generated tokens per text", 0, 200, 40, step=10, key="gen_tokens",
                        help="Sampled continuations before and after (for the generation entropy); 0 skips them.")
     left, right = st.columns(2)
@@ -170,7 +170,7 @@ def apply(session: Session, algorithm: str, settings: dict) -> bool:
             progress = common.Progress(timed=True)
             try:
                 report = edit_fact(session, request, checks, algorithm, hp, on_phase=progress,
-                                   on_wait=progress.waiting, cache_values=common.lecture_mode())
+                                   on_wait=progress.waiting, cache_values=classroom.lecture_mode())
             except BaseException:
                 status.update(label="The edit was not applied", state="error")
                 raise
@@ -178,7 +178,7 @@ def apply(session: Session, algorithm: str, settings: dict) -> bool:
                                 f"{report.seconds['reading before'] + report.seconds['reading after']:.1f} s",
                           state="complete", expanded=False)
         state.edit_report = (session.id, report)
-        state["_texts_for"] = id(report) if not common.lecture_mode() else None
+        state["_texts_for"] = id(report) if not classroom.lecture_mode() else None
         return True
     return False
 
@@ -196,7 +196,7 @@ def render(report: EditReport, session: Session) -> None:
     paraphrases = tally([p.as_new(margin) for p in after.paraphrases])
     neighbours = tally([p.as_kept(margin) for p in after.neighbours])
     # Six numbers in a row; on a projector's larger type two rows of three keep their labels whole.
-    columns = [*st.columns(3), *st.columns(3)] if common.lecture_mode() else st.columns(6)
+    columns = [*st.columns(3), *st.columns(3)] if classroom.lecture_mode() else st.columns(6)
     columns[0].metric(f"P({request.target_new})", common.percent(after.rewrite.p_new),
                       f"{(after.rewrite.p_new - before.rewrite.p_new) * 100:+.1f} pts",
                       help=f"Rewrite prompt after the edit: {after.rewrite.as_new(margin).label()} (margin in nats)")
@@ -214,11 +214,11 @@ def render(report: EditReport, session: Session) -> None:
                       help="What you waited: reading the model before, the edit, reading after, the texts.")
     left, right = st.columns(2)
     with left:
-        st.plotly_chart(common.for_screen(figures.prompt_chart(before.rewrite, after.rewrite)), key="chart_prompt")
+        st.plotly_chart(classroom.for_screen(figures.prompt_chart(before.rewrite, after.rewrite)), key="chart_prompt")
         common.good("P(new) high after the edit, P(old) low.")
     if after.paraphrases:
         with right:
-            st.plotly_chart(common.for_screen(figures.paraphrase_chart(before.paraphrases, after.paraphrases,
+            st.plotly_chart(classroom.for_screen(figures.paraphrase_chart(before.paraphrases, after.paraphrases,
                                                                        margin)), key="chart_paraphrases")
             common.good(f"every paraphrase ✓: the new object more likely by ≥ {margin:g} nats per token "
                         "(✓? is a win by less).")
@@ -227,7 +227,7 @@ def render(report: EditReport, session: Session) -> None:
     left, right = st.columns(2)
     if after.neighbours:
         with left:
-            st.plotly_chart(common.for_screen(figures.neighbour_chart(before.neighbours, after.neighbours, margin)),
+            st.plotly_chart(classroom.for_screen(figures.neighbour_chart(before.neighbours, after.neighbours, margin)),
                             key="chart_neighbours")
             common.good("bars unchanged: each neighbour keeps its own object (✓).")
     else:
@@ -298,7 +298,7 @@ def texts(report: EditReport, session: Session, entropy_slot) -> None:
                               f"{common.escape(reading.texts[index])}")
     if report.after.texts:
         with entropy_slot.container():
-            st.plotly_chart(common.for_screen(figures.entropy_chart(
+            st.plotly_chart(classroom.for_screen(figures.entropy_chart(
                 report.generation_prompts, report.before.entropy, report.after.entropy)), key="chart_entropy")
             common.good("after within about 0.3 bits of before; a clear drop means the text turned repetitive.")
 
@@ -308,13 +308,13 @@ def numbers(report: EditReport) -> None:
     st.markdown("##### The edit's numbers")
     left, right = st.columns(2)
     with left:
-        st.plotly_chart(common.for_screen(figures.norm_chart(record.norms)), key="chart_norms")
+        st.plotly_chart(classroom.for_screen(figures.norm_chart(record.norms)), key="chart_norms")
         common.good("small: the smaller the update, the less the rest of the model moves.")
     with right:
-        st.plotly_chart(common.for_screen(figures.phase_chart(
+        st.plotly_chart(classroom.for_screen(figures.phase_chart(
             {**{k: v for k, v in report.seconds.items() if k != "edit"}, **record.seconds,  # the edit by phase
              "total": report.total_seconds})), key="chart_phases")
-        common.value_cache_caption(record)
+        classroom.value_cache_caption(record)
     with st.expander("Hyper-parameters used"):
         st.json(record.results[0].hparams.to_dict(), expanded=False)
 
@@ -325,7 +325,7 @@ st.caption("Rewrite one fact inside the model with ROME, MEMIT, EMMET, AlphaEdit
            "the prompt, its paraphrases, other subjects of the same relation, and the text the model writes.")
 fact_inputs(session)
 algorithm = state.get("algorithm") or "rome"
-common.editor_help(algorithm)
+classroom.editor_help(algorithm)
 settings = advanced(session, algorithm)
 if state.pop("_cancelled", False):
     st.info("The edit was cancelled: nothing was changed.", icon=":material/cancel:")
@@ -338,7 +338,7 @@ if shown is not None and shown[0] == session.id:
 if applied:  # once the texts are written: the sidebar's edit count is drawn before the page
     st.rerun()
 st.divider()
-common.ask_box(session, key="edit_ask")
+classroom.ask_box(session, key="edit_ask")
 if state.pop("_answer_pending", False):  # the model was busy: try the old object again shortly
     time.sleep(1.0)
     st.rerun()

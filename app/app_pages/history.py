@@ -6,7 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from app_pages import common
+from app_pages import classroom, common
 from emmet_core.studio.workspace import Session
 
 state = st.session_state
@@ -86,7 +86,7 @@ middle.button("Reset to the original model", on_click=ask_reset, disabled=not se
 right.download_button("Download the edit log (JSON)", session.log_json(), file_name="emmet-edit-log.json",
                       mime="application/json", icon=":material/data_object:", on_click="ignore")
 st.divider()
-common.ask_box(session, key="history_ask")
+classroom.ask_box(session, key="history_ask")
 if state.get("_confirm_reset") and session.records:
     with st.container(border=True):
         count = len(session.records)

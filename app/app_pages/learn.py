@@ -4,7 +4,7 @@ covariance weight, λ EMMET's ridge factor, ρ = m·λ, α and P AlphaEdit's, μ
 
 import streamlit as st
 
-from app_pages import common
+from app_pages import classroom, common
 from emmet_core.studio import figures
 from emmet_core.studio.anatomy import UpdatePicture, pictures, spectrum
 from emmet_core.studio.workspace import EditRecord, Session
@@ -106,22 +106,22 @@ def draw(session: Session, record: EditRecord, shot: UpdatePicture) -> None:
                 f"{tuple(shot.delta.shape)}, numerical rank **{shot.rank}** (at most {shot.n_facts}).")
     left, right = st.columns(2)
     with left:
-        st.plotly_chart(common.for_screen(figures.heatmap(shot.keys.T, "Keys k* (one row per fact)",
+        st.plotly_chart(classroom.for_screen(figures.heatmap(shot.keys.T, "Keys k* (one row per fact)",
                                                           "MLP hidden unit", rows)), key="learn_keys")
         common.good("each fact's key is its own pattern; two nearly identical rows are hard to edit apart.")
     with right:
-        st.plotly_chart(common.for_screen(figures.heatmap(
+        st.plotly_chart(classroom.for_screen(figures.heatmap(
             shot.residuals.T, "Residuals r = v* − W k* (what this layer adds)", "residual-stream dimension", rows)),
             key="learn_residuals")
         common.good("moderate rows; a much larger row than the others needs a large Δ and disturbs more.")
     left, right = st.columns(2)
     with left:
-        st.plotly_chart(common.for_screen(figures.singular_value_chart(
+        st.plotly_chart(classroom.for_screen(figures.singular_value_chart(
             shot.singular_values, shot.rank, max(12, 2 * shot.n_facts))), key="learn_singular")
         common.good(f"{shot.n_facts} bar{'s' if shot.n_facts > 1 else ''} above the rest (one per fact): the "
                     "update has rank N: it acts on N directions of the keys only.")
     with right:
-        st.plotly_chart(common.for_screen(figures.residual_chart(rows, shot.residual_before.tolist(),
+        st.plotly_chart(classroom.for_screen(figures.residual_chart(rows, shot.residual_before.tolist(),
                                                                  shot.residual_after.tolist())),
                         key="learn_residual_norms")
         common.good("after ≈ 0 for ROME and EMMET (equality, up to EMMET's ridge ρ = m·λ); MEMIT, AlphaEdit and "
@@ -129,7 +129,7 @@ def draw(session: Session, record: EditRecord, shot: UpdatePicture) -> None:
     hp = record.results[0].hparams
     values = c0_spectrum(session, record, shot.layer)
     if values is not None:
-        st.plotly_chart(common.for_screen(figures.spectrum_chart(values, shot.layer)), key="learn_spectrum")
+        st.plotly_chart(classroom.for_screen(figures.spectrum_chart(values, shot.layer)), key="learn_spectrum")
         common.good("a smooth decay over several orders of magnitude; Δ is shaped by C0⁻¹, so it writes mostly "
                     "in the rare directions, where it disturbs other keys least.")
         st.caption(f"C0 from {hp.stats_tokens:,} tokens of {hp.stats_corpus}. Its condition number here is "

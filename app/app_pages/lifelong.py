@@ -7,7 +7,7 @@ import random
 
 import streamlit as st
 
-from app_pages import common
+from app_pages import classroom, common
 from emmet_core.errors import EditError
 from emmet_core.hparams import EDITOR_NAMES
 from emmet_core.lifelong import FIXED_PROMPT, heldout_documents
@@ -72,7 +72,7 @@ def render(run: LifelongRun) -> None:
     if not any(lane.curves for lane in run.lanes):
         return
     chart = figures.lifelong_chart([(lane.algorithm, lane.curves) for lane in run.lanes])
-    st.plotly_chart(common.for_screen(chart), key="lifelong_chart")
+    st.plotly_chart(classroom.for_screen(chart), key="lifelong_chart")
     common.good("S of the edited facts stays high as facts pile up, untouched facts stay kept, GE and perplexity "
                 "stay near their values at 0 edits, and ‖W − W₀‖ grows slowly.")
     columns = st.columns(len(run.lanes))
@@ -114,7 +114,7 @@ prompt = st.text_input("Watched prompt", FIXED_PROMPT, key="lifelong_prompt",
                        help="Its continuation is generated at every checkpoint, so the effect reads in words.")
 if len(algorithms or []) > 2:
     st.warning("Side by side works for two editors; the first two are used.")
-common.editor_help(*list(algorithms or [])[:2])
+classroom.editor_help(*list(algorithms or [])[:2])
 shown = state.get("lifelong")
 run = shown[1] if shown is not None and shown[0] == session.loaded.name else None
 buttons = st.columns(5)
