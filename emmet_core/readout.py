@@ -167,13 +167,17 @@ def _row_seed(seed: int, prompt: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{prompt}".encode()).digest()[:8], "little") >> 1
 
 
+SMALL_DECODE = 8  # rows: up to here a decoding step is too small to share between threads
+
+
 @contextmanager
-def decoding_threads(device: torch.device) -> Iterator[None]:
-    """One CPU thread while decoding. A decoding step multiplies a handful of rows by
-    each matrix: on a CPU torch's second thread saves little there and, on a busy
-    2-core machine, its spinning made 2 × 40 sampled tokens 7× slower (3.6 s with one
-    thread, 25.9 s with two; bench/generation.py measures it on an idle machine)."""
-    if device.type != "cpu" or torch.get_num_threads() == 1:
+def decoding_threads(device: torch.device, rows: int) -> Iterator[None]:
+    """One CPU thread while decoding a handful of rows (the app's texts). Such a step
+    saves nothing with a second thread (2.52 vs 2.54 s for the Edit page's texts, idle)
+    and, on a busy 2-core machine, the spinning thread made them 7× slower (3.6 s with
+    one thread, 25.9 s with two; bench/edit_page.py). Larger batches (an evaluation's GE)
+    keep every thread. Callers hold the model, so no other decoding runs meanwhile."""
+    if device.type != "cpu" or rows > SMALL_DECODE or torch.get_num_threads() == 1:
         yield
         return
     threads = torch.get_num_threads()
@@ -227,7 +231,7 @@ def generate(
         processors = LogitsProcessorList([_RowSeededTopK(chunk, top_k, seed, max_new_tokens)] if top_k else [])
         if on_texts is not None:
             processors.insert(0, _Watch(tok, on_texts))
-        with decoding_threads(loaded.device):
+        with decoding_threads(loaded.device, len(chunk)):
             out = loaded.model.generate(
                 **enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                 logits_processor=processors or None, do_sample=False, top_k=None, top_p=None, temperature=None,

@@ -534,3 +534,13 @@ def test_batch_and_lifelong_pages_say_what_the_editors_do(tiny_app):
     captions = [c.value for c in at.caption]
     assert any(c.startswith("MEMIT writes") for c in captions)
     assert any(c.startswith("ENCORE is MEMIT") for c in captions)
+
+
+def test_compare_applies_the_edit_pages_length_caps(tiny_app):
+    at = app()
+    at.text_input(key="prompt").set_value("The mother tongue of {} is " + "very " * 100)
+    at.run()
+    at.switch_page("app_pages/compare.py").run()
+    at.button(key="run_compare").click().run()
+    assert not at.exception
+    assert any("characters long; at most 300" in e.value for e in at.error), [e.value for e in at.error]

@@ -45,9 +45,17 @@ def csv_text(report: BatchReport) -> str:
 
 
 def mark(row: dict[str, float], metric: str, margin: float) -> str:
-    """The metric after the edit with its judgement: ✓/✓?/✗ on the fact's mean margin."""
-    verdict = judge(0.0, row.get(f"{metric}_margin", 0.0), threshold=margin)
-    return f"{row[metric]:.0%} {verdict.label()}"
+    """The metric after the edit with a mark that agrees with it: ✗ when no prompt of
+    the fact passed, ◐ when some did, else ✓ (or ✓? when the fact's mean margin is below
+    the clear margin); the mean margin beside it."""
+    mean = row.get(f"{metric}_margin", 0.0)
+    if row[metric] == 0:
+        symbol = "✗"
+    elif row[metric] < 1:
+        symbol = "◐"
+    else:
+        symbol = judge(0.0, mean, threshold=margin).symbol if mean > 0 else "✓?"
+    return f"{row[metric]:.0%} {symbol} {mean:+.2f}"
 
 
 def table(report: BatchReport, margin: float) -> list[dict]:
@@ -65,9 +73,8 @@ def table(report: BatchReport, margin: float) -> list[dict]:
 
 
 def weak_wins(rows: list[dict[str, float]], metric: str, margin: float) -> int:
-    """Facts whose metric passed on average by less than the clear margin."""
-    return sum(judge(0.0, r[f"{metric}_margin"], threshold=margin).outcome == "weak"
-               for r in rows if f"{metric}_margin" in r)
+    """Facts whose prompts all passed, by less than the clear margin on average."""
+    return sum(r[metric] == 1 and r[f"{metric}_margin"] < margin for r in rows if f"{metric}_margin" in r)
 
 
 def render(report: BatchReport) -> None:
@@ -102,8 +109,9 @@ def render(report: BatchReport) -> None:
     st.caption("Good: ES and PS near 100 with clear margins (✓, not ✓?), NS near its value before the edit, "
                "GE within about 0.3 bits of before.")
     st.dataframe(table(report, margin), hide_index=True, column_config={
-        m: st.column_config.TextColumn(help=f"{m} before → after, then the judgement on the fact's mean margin "
-                                            "(nats per token; ✓? passes by less than the clear margin)")
+        m: st.column_config.TextColumn(help=f"{m} before → after: ✓ every prompt passed, ✓? all passed but the "
+                                            "fact's mean margin is below the clear margin, ◐ some passed, ✗ none; "
+                                            "then the mean margin (nats per token)")
         for m in ("ES", "PS", "NS")})
     left, right = st.columns(2)
     left.download_button("Download results (JSON)", json.dumps(report.to_dict(), indent=2, ensure_ascii=False),

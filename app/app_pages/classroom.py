@@ -21,11 +21,11 @@ from emmet_core.studio.workspace import EditRecord, Session
 
 def lecture_mode() -> bool:
     """The sidebar's lecture switch: texts written only when asked, large text and charts,
-    v* of the prepared common.examples from the cache."""
+    v* of the prepared examples from the cache."""
     return bool(st.session_state.get("lecture_mode", False))
 
 
-# -- lecture mode (issue 13): a projector, and common.examples whose v* is prepared ----------------
+# -- lecture mode (issue 13): a projector, and examples whose v* is prepared ----------------
 PROJECTOR_CSS = """
 html { font-size: 20px; }  /* Streamlit sizes text and widgets in rem: all of it grows */
 [data-testid="stMetricValue"] { font-size: 3rem; }
@@ -40,7 +40,7 @@ PROJECTOR_SCALE = 1.5  # charts: fonts, heights and margins
 def lecture_toggle() -> None:
     """Sidebar switch, drawn on every page by the entry point."""
     st.sidebar.toggle("Lecture mode", key="lecture_mode",
-                      help="Large text and charts for a projector. The ready-made common.examples can be prepared "
+                      help="Large text and charts for a projector. The ready-made examples can be prepared "
                            "ahead, so that their edits take seconds in front of the audience.")
 
 
@@ -61,15 +61,15 @@ def chart_height(base: int) -> int:
 
 
 def prepare_panel(current: Session | None) -> None:
-    """Sidebar, lecture mode only: cache v* of the ready-made common.examples for the chosen
+    """Sidebar, lecture mode only: cache v* of the ready-made examples for the chosen
     editors, so that editing them on the Edit page takes seconds."""
     if current is None or not lecture_mode():
         return
     with st.sidebar:
         chosen = st.pills("Prepare for", list(EDITOR_NAMES), selection_mode="multi", format_func=EDITOR_NAMES.get,
                           default=[st.session_state.get("algorithm") or "rome"], key="prepare_editors")
-        if st.button("Prepare the common.examples", icon=":material/bolt:", key="prepare_examples", disabled=not chosen,
-                     help="Optimises the target values v* of the common.examples on the original model with each "
+        if st.button("Prepare the examples", icon=":material/bolt:", key="prepare_examples", disabled=not chosen,
+                     help="Optimises the target values v* of the examples on the original model with each "
                           "editor's preset and caches them on the server. An edit of an example then reads v* "
                           "from the cache, as long as the session holds no earlier edit."):
             prepare(current, list(chosen))
@@ -82,22 +82,22 @@ def prepare_panel(current: Session | None) -> None:
 def prepare(current: Session, algorithms: list[str]) -> None:
     requests = example_requests(common.examples())
     if not requests:
-        st.info("There are no ready-made common.examples to prepare.")
+        st.info("There are no ready-made examples to prepare.")
         return
-    bar = st.progress(0.0, text="Preparing the common.examples…")
+    bar = st.progress(0.0, text="Preparing the examples…")
     total, heard = len(requests) * len(algorithms), [0]
 
     def progress(k: int) -> None:
         heard[0] += k
         bar.progress(min(heard[0] / total, 1.0), text=f"v* of {heard[0]} of {total} (fact, editor) pairs")
 
-    with common.readable_errors("Preparing the common.examples"):
+    with common.readable_errors("Preparing the examples"):
         done = st.session_state.setdefault("prepared", {}).setdefault(current.loaded.name, {})
         for algorithm in algorithms:
             done[algorithm] = prepare_examples(
                 current.shared, requests, algorithm, progress=progress,
                 on_wait=lambda: bar.progress(heard[0] / total, text=common.PHASES["wait"]))
-        bar.progress(1.0, text="The common.examples are ready")
+        bar.progress(1.0, text="The examples are ready")
 
 
 def value_cache_caption(record: EditRecord) -> None:

@@ -41,9 +41,11 @@ FACT_KEYS = ("subject", "prompt", "target_new", "target_true", "paraphrases", "n
 # Every setting a user chooses stays chosen when they visit another page and come back
 # (Streamlit forgets the value of a widget that a run does not draw). Buttons and file
 # uploads are not settings (and their values cannot be set).
+# (Not the Learn page's choice of edit, which should follow the latest one, nor Compare's
+# hand-picked facts, whose labels change with the Edit page's fact.)
 SETTING_KEYS = ("algorithm", "gen_tokens", "clear_margin", "lecture_mode", "batch_algorithm", "batch_chunk",
-                "batch_gen_tokens", "compare_facts", "compare_algorithms", "compare_gen_tokens", "lifelong_editors",
-                "lifelong_batch", "lifelong_every", "lifelong_prompt", "learn_record")
+                "batch_gen_tokens", "compare_algorithms", "compare_gen_tokens", "lifelong_editors",
+                "lifelong_batch", "lifelong_every", "lifelong_prompt")
 SETTING_PREFIXES = ("hp.",)  # the Edit page's Advanced hyper-parameters, per model and editor
 SETTING_SUFFIXES = ("_source", "_cf_file", "_n", "_seed", "_repeats")  # fact sources of Batch/Compare/Lifelong
 

@@ -12,7 +12,7 @@ from emmet_core.request import EditRequest
 from emmet_core.studio import comparison, figures
 from emmet_core.studio.comparison import CompareRun, Tracker
 from emmet_core.studio.suggest import judgeable
-from emmet_core.studio.workflows import parse_lines, parse_neighbours, record_for
+from emmet_core.studio.workflows import check_lengths, parse_lines, parse_neighbours, record_for
 from emmet_core.studio.workspace import Session
 
 ALGORITHMS = EDITOR_NAMES
@@ -53,6 +53,9 @@ def run(session: Session, records: list[EvalRecord] | None, algorithms: list[str
         repeats: int, seed: int) -> None:
     with common.readable_errors("The comparison"):
         comparison.check(records, algorithms, repeats)
+        for record in records or []:  # the shared model's time: the same caps as the Edit page
+            check_lengths(record.request, record.paraphrase_prompts,
+                          list(zip(record.neighborhood_prompts, record.neighborhood_targets)))
         tracker = Tracker(algorithms, repeats, len(records or []), seed)
         status_text = st.empty()
         progress = common.Progress()

@@ -152,8 +152,20 @@ def advanced(session: Session, algorithm: str) -> dict:
 
 def cancel() -> None:
     """The Cancel button: its click interrupts the running edit (Streamlit stops the
-    script at its next call); the session and the shared model stay as they were."""
+    script at its next call, between two steps); the session and the shared model stay
+    as they were — unless the edit had already been applied (the page then says so) —
+    and texts being written stop until asked for again."""
     state["_cancelled"] = True
+    state["_texts_for"] = None
+
+
+def cancelled_message(session: Session) -> None:
+    """After a Cancel: did it stop the edit, or come after the edit was applied?"""
+    if session.version == state.get("_version_before_apply", session.version):
+        st.info("The edit was cancelled: nothing was changed.", icon=":material/cancel:")
+    else:
+        st.warning("Cancel came after the edit was applied: it is kept (undo it on the History page). The texts "
+                   "were stopped.", icon=":material/cancel:")
 
 
 def apply(session: Session, algorithm: str, settings: dict) -> bool:
@@ -169,8 +181,10 @@ def apply(session: Session, algorithm: str, settings: dict) -> bool:
         with st.status(f"Applying {ALGORITHMS[algorithm]}…", expanded=True) as status:
             progress = common.Progress(timed=True)
             try:
+                state["_version_before_apply"] = session.version
                 report = edit_fact(session, request, checks, algorithm, hp, on_phase=progress,
                                    on_wait=progress.waiting, cache_values=classroom.lecture_mode())
+                state.edit_report = (session.id, report)  # before any Streamlit call a Cancel could stop
             except BaseException:
                 status.update(label="The edit was not applied", state="error")
                 raise
@@ -328,7 +342,7 @@ algorithm = state.get("algorithm") or "rome"
 classroom.editor_help(algorithm)
 settings = advanced(session, algorithm)
 if state.pop("_cancelled", False):
-    st.info("The edit was cancelled: nothing was changed.", icon=":material/cancel:")
+    cancelled_message(session)
 applied = False
 if st.button(f"Apply edit with {ALGORITHMS[algorithm]}", type="primary", icon=":material/bolt:", key="apply"):
     applied = apply(session, algorithm, settings)

@@ -267,6 +267,7 @@ class Tracker:
         self.current, self.phase, self.fact = name, "", 0
 
     def on_phase(self, phase: str) -> None:
+        phase = phase.partition(": ")[0]  # "values: step 3/25, …" is progress inside the values phase
         self.phase = phase
         if self.current == "rome" and phase == "keys":
             self.fact += 1

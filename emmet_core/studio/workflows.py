@@ -409,8 +409,9 @@ def compare(shared: SharedModel, records: list[EvalRecord], algorithms: Sequence
     fresh session), never kept. ``seed`` replaces the hyper-parameters' seed (context
     templates) and seeds the sampled texts. An algorithm that refuses (e.g. several
     layers where the family allows one) gets its error in its row; the others still
-    run. Facts the model already answers with their new object are edited all the same
-    (their unedited row shows it)."""
+    run. A fact given with its old object is edited even if the model already prefers
+    the new one (its unedited row shows it); one given without, whose greedy answer is
+    already the new object, is refused for the whole comparison (it has no old object)."""
     if not records:
         raise EditError("no facts to compare")
     step = on_step or (lambda name: None)
