@@ -191,7 +191,6 @@ def apply(session: Session, algorithm: str, settings: dict) -> bool:
             status.update(label=f"Applied: edit {report.seconds['edit']:.1f} s, reading the model "
                                 f"{report.seconds['reading before'] + report.seconds['reading after']:.1f} s",
                           state="complete", expanded=False)
-        state.edit_report = (session.id, report)
         state["_texts_for"] = id(report) if not classroom.lecture_mode() else None
         return True
     return False
