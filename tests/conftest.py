@@ -162,3 +162,11 @@ def smollm():
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def labelled(widgets, label: str):
+    """The one AppTest widget whose label starts with ``label`` (the Edit page's boxes that it
+    fills in itself change their key with every fill)."""
+    found = [w for w in widgets if w.label.startswith(label)]
+    assert len(found) == 1, [w.label for w in widgets]
+    return found[0]

@@ -131,7 +131,7 @@ def test_type_a_fact_apply_rome_and_see_the_charts(server, chromium):
         page.screenshot(path=str(ARTIFACTS / "edit-page-filled.png"))
         clicked = time.perf_counter()
         apply.click()
-        expect(page.get_by_text("Probability on the prompt")).to_be_visible(timeout=600_000)
+        expect(page.get_by_text("Probability on the prompt").first).to_be_visible(timeout=600_000)
         to_charts = time.perf_counter() - clicked
         expect(page.get_by_text("The Eiffel Tower is located in the city of … Paris → Rome")).to_be_visible()
         expect(page.get_by_text("Generation entropy")).to_be_visible(timeout=300_000)  # drawn once texts are done
@@ -190,12 +190,13 @@ def test_lecture_mode_and_a_comparison_of_several_facts(server, chromium):
         old = page.get_by_role("textbox", name="Old object (the model's answer now)")
         expect(old).not_to_have_value("", timeout=120_000)
         apply.click()
-        expect(page.get_by_text("Probability on the prompt")).to_be_visible(timeout=600_000)
+        expect(page.get_by_text("Probability on the prompt").first).to_be_visible(timeout=600_000)
         write = page.get_by_role("button", name=re.compile("Write 2 texts"))
         expect(write).to_be_visible()
         assert page.get_by_text("Generation entropy").count() == 0  # no texts until asked
         write.click()
         expect(page.get_by_text("Generation entropy")).to_be_visible(timeout=300_000)
+        expect(page.get_by_text("Probability on the prompt")).to_have_count(1)  # the report shown once
         ask = page.get_by_role("textbox", name="Prompt", exact=True)
         ask.fill("The mother tongue of Danielle Darrieux is")
         ask.press("Enter")

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA, make_model, make_tokenizer, same_weights, weights_of
+from conftest import SHARED_DATA, labelled, make_model, make_tokenizer, same_weights, weights_of
 from streamlit.testing.v1 import AppTest
 
 from emmet_core import score_targets
@@ -52,7 +52,7 @@ def charts(at: AppTest) -> dict[str, dict]:
 
 
 def apply_edit(at: AppTest) -> AppTest:
-    at.text_input(key="target_true").set_value("French")
+    labelled(at.text_input, "Old object").set_value("French")
     at.number_input(key="gen_tokens").set_value(10)
     return at.button(key="apply").click().run()
 
@@ -65,8 +65,8 @@ def test_edit_page_applies_an_edit_and_shows_every_chart(tiny_app):
     at = app()
     assert not at.exception
     assert at.text_input(key="subject").value == "Danielle Darrieux"
-    assert at.text_input(key="target_true").value  # pre-filled with the model's own answer
-    assert "Jean Gabin" in at.text_area(key="neighbours").value  # the example's neighbours
+    assert labelled(at.text_input, "Old object").value  # pre-filled with the model's own answer
+    assert "Jean Gabin" in labelled(at.text_area, "Neighbours").value  # the example's neighbours
     apply_edit(at)
     assert not at.exception and not at.error
     shown = charts(at)
@@ -139,7 +139,7 @@ def test_two_browser_sessions_never_see_each_others_edits(tiny_app):
     b.text_input(key="prompt").set_value("{} plays the")
     b.text_input(key="target_new").set_value("piano")
     b.run()
-    b.text_input(key="target_true").set_value("guitar")
+    labelled(b.text_input, "Old object").set_value("guitar")
     b.button(key="apply").click().run()
     assert not b.exception and len(session_b.records) == 1
     a.run()
@@ -416,7 +416,8 @@ def test_settings_stay_chosen_across_pages(tiny_app):
 ])
 def test_over_long_inputs_get_a_short_message_and_hold_nothing(tiny_app, field, value, message):
     at = app()
-    getattr(at, "text_area" if field == "paraphrases" else "text_input")(key=field).set_value(value)
+    box = labelled(at.text_area, "Paraphrases") if field == "paraphrases" else at.text_input(key=field)
+    box.set_value(value)
     at.button(key="apply").click().run()
     assert not at.exception
     (error,) = [e.value for e in at.error]
@@ -428,8 +429,8 @@ def test_ties_margins_and_known_facts_on_the_edit_page(tiny_app):
     """The neighbour whose object is the new object is a tie ('='), never 'kept'; every
     mark carries its margin; a fact the model already answers the new way is flagged."""
     at = app()
-    at.text_area(key="neighbours").set_value("The mother tongue of Jean Gabin is | English\n"
-                                             "The mother tongue of Michel Rocard is | French")
+    labelled(at.text_area, "Neighbours").set_value("The mother tongue of Jean Gabin is | English\n"
+                                                   "The mother tongue of Michel Rocard is | French")
     apply_edit(at)
     assert not at.exception and not at.error
     report = at.session_state["edit_report"][1]
@@ -442,7 +443,7 @@ def test_ties_margins_and_known_facts_on_the_edit_page(tiny_app):
     assert kept.value.endswith("/ 2")
     # Now the same fact with the new object being what the model already says.
     at.text_input(key="target_new").set_value(report.after.rewrite.new)
-    at.text_input(key="target_true").set_value("Klingon")
+    labelled(at.text_input, "Old object").set_value("Klingon")
     at.button(key="apply").click().run()
     assert not at.exception
     now = at.session_state["edit_report"][1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import labelled
 from streamlit.testing.v1 import AppTest
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
@@ -16,7 +17,7 @@ def test_rome_moves_darrieux_to_english_and_keeps_her_neighbours(monkeypatch):
     monkeypatch.delenv("EMMET_MODEL", raising=False)
     at = AppTest.from_file(str(APP), default_timeout=900).run()
     assert not at.exception
-    assert at.text_input(key="target_true").value == "French"  # the model's own answer
+    assert labelled(at.text_input, "Old object").value == "French"  # the model's own answer
     at.number_input(key="gen_tokens").set_value(20)
     at.button(key="apply").click().run()
     assert not at.exception and not at.error
@@ -27,4 +28,4 @@ def test_rome_moves_darrieux_to_english_and_keeps_her_neighbours(monkeypatch):
     assert report.record.layers == [4] and 1 < report.record.norms[4] < 100
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Paraphrases passed"] == f"{report.paraphrases_passed} / 3"
-    assert at.text_input(key="target_true").value != "French"  # after the edit the model says otherwise
+    assert labelled(at.text_input, "Old object").value != "French"  # after the edit the model says otherwise

@@ -129,6 +129,7 @@ def shared_model(name: str, device_map: str | None = None) -> SharedModel:
 
 def init_state() -> None:
     state = st.session_state
+    keep_settings(state)  # first: the defaults below are for settings never chosen
     state.setdefault("sessions", {})  # model name -> Session
     allowed = configured_models()
     if allowed:
@@ -141,8 +142,17 @@ def init_state() -> None:
     for key in ("subject", "prompt", "target_new"):
         state.setdefault(key, first[key])
     state.setdefault("clear_margin", CLEAR_MARGIN)
-    for key in [k for k in state if isinstance(k, str) and is_setting(k)]:  # kept when its page is not shown
-        state[key] = state[key]
+
+
+def keep_settings(state) -> None:
+    """Put back the settings Streamlit forgot because the last run did not draw their
+    widgets (another page was shown). Only missing ones: setting a key whose widget is on
+    the page would push the server's value back over what the user is typing right then."""
+    kept = state.setdefault("_settings", {})
+    kept.update({k: state[k] for k in state if isinstance(k, str) and is_setting(k)})
+    for key, value in kept.items():
+        if key not in state:
+            state[key] = value
 
 
 def model_name() -> str:

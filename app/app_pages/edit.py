@@ -34,6 +34,30 @@ def load_example() -> None:
             state.subject, state.prompt, state.target_new = (example[k] for k in ("subject", "prompt", "target_new"))
 
 
+def box_key(name: str) -> str:
+    """The widget key of a box the page fills in (old object, paraphrases, neighbours).
+
+    It changes with every fill: a rerun the browser sent before it received the filled-in
+    value carries the box's previous text, which under the old key is dropped instead of
+    overwriting what the page just filled in. The value itself lives under ``name``."""
+    return f"{name}#{state.get('_fills', {}).get(name, 0)}"
+
+
+def fill(name: str, value: str) -> None:
+    state.pop(box_key(name), None)
+    fills = state.setdefault("_fills", {})
+    fills[name] = fills.get(name, 0) + 1
+    state[name] = state[box_key(name)] = value
+
+
+def filled_box(widget, label: str, name: str, **kwargs) -> None:
+    """Draw the box of ``name`` and keep ``state[name]`` equal to what it shows."""
+    key = box_key(name)
+    state.setdefault(key, state.get(name) or "")  # back from another page: Streamlit forgot the widget
+    widget(label, key=key, **kwargs)
+    state[name] = state[key]
+
+
 def prefill(session: Session) -> dict[str, object]:
     """The old object is what the model says now; paraphrases and neighbours are
     suggested once per (subject, relation), then left to the user.
@@ -59,13 +83,14 @@ def prefill(session: Session) -> dict[str, object]:
             except EditError as exc:
                 st.error(f"Reading the model's answer: {exc}")
         if answer_key in answers:
-            state.target_true = answers[answer_key]
+            fill("target_true", answers[answer_key])
             done["_answer_for"] = answer_key
     suggest_key = (request.subject, request.prompt)
     if state.get("_suggested_for") != suggest_key:
         paraphrases, neighbours = common.suggestions(request.subject, request.prompt, state.get("target_true"),
                                                      state.get("target_new"))
-        state.paraphrases, state.neighbours = "\n".join(paraphrases), format_neighbours(neighbours)
+        fill("paraphrases", "\n".join(paraphrases))
+        fill("neighbours", format_neighbours(neighbours))
         done["_suggested_for"] = suggest_key
     return done
 
@@ -85,8 +110,8 @@ def fact_inputs(session: Session) -> None:
     right.text_input("New object", key="target_new", placeholder="English")
     done = prefill(session)
     left, middle, right = st.columns([2, 3, 2])
-    left.text_input("Old object (the model's answer now)", key="target_true",
-                    help="Filled in with what the model says; change it if you mean another old object.")
+    filled_box(left.text_input, "Old object (the model's answer now)", "target_true",
+               help="Filled in with what the model says; change it if you mean another old object.")
     with middle:
         st.segmented_control("Editor", list(ALGORITHMS), key="algorithm", default="rome",
                              format_func=ALGORITHMS.get, required=True,
@@ -94,11 +119,11 @@ def fact_inputs(session: Session) -> None:
     right.number_input("Generated tokens per text", 0, 200, 40, step=10, key="gen_tokens",
                        help="Sampled continuations before and after (for the generation entropy); 0 skips them.")
     left, right = st.columns(2)
-    left.text_area("Paraphrases (one per line)", key="paraphrases", height=120,
-                   help="Other wordings of the same fact: the edit should carry over to them.")
-    right.text_area("Neighbours: other subjects, same relation (prompt | their object)", key="neighbours",
-                    height=120, help="These facts should stay as they are. Leave out '| object' to use the "
-                                     "model's own answer.")
+    filled_box(left.text_area, "Paraphrases (one per line)", "paraphrases", height=120,
+               help="Other wordings of the same fact: the edit should carry over to them.")
+    filled_box(right.text_area, "Neighbours: other subjects, same relation (prompt | their object)", "neighbours",
+               height=120, help="These facts should stay as they are. Leave out '| object' to use the model's "
+                                "own answer.")
     state.update(done)
     st.button("Suggest paraphrases and neighbours again", on_click=resuggest, type="tertiary",
               icon=":material/refresh:")
@@ -343,8 +368,14 @@ settings = advanced(session, algorithm)
 if state.pop("_cancelled", False):
     cancelled_message(session)
 applied = False
-if st.button(f"Apply edit with {ALGORITHMS[algorithm]}", type="primary", icon=":material/bolt:", key="apply"):
-    applied = apply(session, algorithm, settings)
+clicked = st.button(f"Apply edit with {ALGORITHMS[algorithm]}", type="primary", icon=":material/bolt:", key="apply")
+# The Cancel button and progress of an edit in flight, in one slot drawn on every run: the
+# report below then keeps its place when the page reruns after the edit, instead of
+# showing twice while the rerun replaces it.
+in_flight = st.empty()
+if clicked:
+    with in_flight.container():
+        applied = apply(session, algorithm, settings)
 shown = state.get("edit_report")
 if shown is not None and shown[0] == session.id:
     render(shown[1], session)
