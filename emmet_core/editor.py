@@ -27,7 +27,7 @@ from .keys import compute_keys, encode_in_template, layer_outputs
 from .ledger import Delta, Ledger
 from .models import LoadedModel
 from .readout import greedy_answer, score_targets
-from .request import EditRequest, check_conflicts, request_from
+from .request import EditRequest, check_conflicts, quote, request_from
 from .solvers import alphaedit_update, emmet_update, encore_update, memit_update, null_space_projector, rome_update
 from .stats import layer_covariances
 from .templates import context_templates
@@ -203,11 +203,15 @@ class Editor:
         timer = _Timer(on_phase or self.on_phase)
         if checked:
             batch = list(requests)
+            templates = None
         else:
+            batch = [request_from(r, f"request {i + 1}") for i, r in enumerate(requests)]
+            templates = self._context_templates(hp, timer)
+            self._fit_context(batch, templates)  # before the model reads any prompt
             with timer.phase("prepare"):
-                batch = self.prepare(requests, refuse_current)
+                batch = self.prepare(batch, refuse_current)
         covs = self._covariances(hp, timer)
-        templates = self._context_templates(hp, timer)
+        templates = templates or self._context_templates(hp, timer)
         cache_ok = cache_values and self.ledger.is_original  # the disk cache holds v* of the original
         result = EditResult(hp.algorithm, hp, batch,
                             value_cache="original" if cache_ok else "edited" if cache_values else "off")
@@ -237,18 +241,25 @@ class Editor:
         size = batch_size or max(len(batch), 1)
         for first in range(0, len(batch), size):
             check_conflicts(batch[first : first + size])
-        limit = self.adapter.context_length()
-        if batch and limit:
-            tok = self.loaded.tokenizer
-            longest = max(self._context_templates(hp, _Timer()), key=len)
-            for request in batch:
-                ids, _ = encode_in_template(tok, longest, request)
-                size = len(ids) + len(target_ids(tok, request.target_new)) - 1
-                if size > limit:
-                    raise InvalidRequestError(
-                        f"{request.text!r} with its longest context template and target is {size} tokens, "
-                        f"more than the model's context of {limit}")
+        if batch:
+            self._fit_context(batch, self._context_templates(hp, _Timer()))
         return batch
+
+    def _fit_context(self, batch: Sequence[EditRequest], templates: Sequence[str]) -> None:
+        """Refuse a prompt that, in its longest context template and with its target, would
+        not fit the model's context window (the model would fail on it mid-edit)."""
+        limit = self.adapter.context_length()
+        if not limit:
+            return
+        tok = self.loaded.tokenizer
+        longest = max(templates, key=len)
+        for request in batch:
+            ids, _ = encode_in_template(tok, longest, request)
+            size = len(ids) + len(target_ids(tok, request.target_new)) - 1
+            if size > limit:
+                raise InvalidRequestError(
+                    f"{quote(request.text)} with its longest context template and target is {size} tokens, "
+                    f"more than the model's context of {limit}")
 
     def prepare(self, requests: Iterable[RequestLike], refuse_current: bool = True) -> list[EditRequest]:
         """Validate requests, fill in missing old objects with the model's own answer, and

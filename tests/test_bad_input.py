@@ -39,6 +39,19 @@ def test_bad_request_changes_nothing(case, setup):
     assert same_weights(loaded.model, saved) and not editor.history
 
 
+def test_a_prompt_beyond_learned_positions_is_refused_before_the_model_reads_it(tokenizers, isolated_cache,
+                                                                               corpus_file):
+    """GPT-2 has no positions past its context: reading the model's answer to the prompt
+    (no old object given) would fail inside the model, so the length is checked first."""
+    loaded = tiny("gpt2", tokenizers)
+    editor, saved = Editor(loaded), weights_of(loaded.model)
+    request = {"prompt": "Paris is in France. " * 60 + "{} speaks", "subject": "Danielle Darrieux",
+               "target_new": "English"}
+    with pytest.raises(InvalidRequestError, match="more than the model's context of 128"):
+        editor.apply([request], hparams=tiny_hparams(editor, "rome", corpus_file))
+    assert same_weights(loaded.model, saved) and not editor.history
+
+
 def test_the_subject_matches_whole_words_only():
     from emmet_core.request import EditRequest
 
