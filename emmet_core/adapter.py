@@ -7,6 +7,7 @@ layer l", "the final norm", "the unembedding" and never spells a module path its
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 
@@ -175,6 +176,13 @@ class ModelAdapter:
                     if isinstance(tensor, torch.Tensor):
                         tensor.nan_to_num_(0.0)
         return out[0], cache
+
+    @staticmethod
+    def select_cache_rows(cache: object, rows: list[int]) -> object:
+        """A copy of a KV cache from :meth:`run_body` that holds only ``rows`` of its batch."""
+        picked = copy.deepcopy(cache)
+        picked.batch_select_indices(torch.tensor(rows))  # CPU indices select on any device
+        return picked
 
     # -- logits ----------------------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,13 @@ def add_at_positions(
         handle.remove()
 
 
+def select_rows(output: Any, rows: list[int]) -> Any:
+    """A recorded layer output for some of its batch rows (what :func:`reuse_lower_layers`
+    replays once a pass has dropped rows)."""
+    hidden = _hidden(output)
+    return _replace_hidden(output, hidden[torch.tensor(rows, device=hidden.device)])
+
+
 @contextmanager
 def reuse_lower_layers(layers: nn.ModuleList, upto: int, recorded: Any) -> Iterator[None]:
     """Make layers ``0..upto-1`` return ``recorded`` (the output of layer ``upto-1``).

@@ -5,7 +5,9 @@ output of the edited layer (ROME) or to the residual output of the last edited l
 (MEMIT/EMMET). All facts of a batch share every forward pass; each fact has its own
 loss, its own early stop and its own norm clamp, so the result is the same as
 optimising the facts one by one. Layers below the insertion point never see δ: their
-output is computed once and replayed each step.
+output is computed once and replayed each step. Once at most half of a pass's facts are
+still optimising (early stop), the pass drops the rows of the stopped ones (their δ and
+losses are final), so a step costs what the facts still moving need.
 
 With ``precision="bfloat16"`` (or ``"tf32"``) everything the steps build on (the prefix cache, the
 reference pass at δ = 0) runs at the steps' precision too, so the KL term starts at
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import require_finite
-from .hooks import add_at_positions, capture_output, reuse_lower_layers
+from .hooks import add_at_positions, capture_output, reuse_lower_layers, select_rows
 from .keys import encode_in_template, module_outputs
 from .models import LoadedModel
 from .passes import PassSizer
@@ -82,7 +84,8 @@ class _Rows:
     tgt_id: torch.Tensor  # ... the token
     tgt_fact: torch.Tensor  # ... the fact it belongs to
     tgt_weight: torch.Tensor  # ... 1 / (tokens of that target · prompts of that fact)
-    kl_rows: torch.Tensor  # (N,) row of each fact's "{subject} is a" prompt
+    kl_rows: torch.Tensor  # row of each fact's "{subject} is a" prompt (of the facts in the batch)
+    kl_fact: torch.Tensor  # ... and which fact it is
 
 
 @dataclass
@@ -107,6 +110,32 @@ class _Batch:
                 name: torch.tensor(values, dtype=torch.float32 if name == "tgt_weight" else torch.long, device=device)
                 for name, values in self.index.items()})
         return self._copies[device]
+
+    @property
+    def facts(self) -> list[int]:
+        """The facts that have rows in this batch."""
+        return self.index["kl_fact"]
+
+    def rows_of(self, facts: set[int]) -> list[int]:
+        return [row for row, fact in enumerate(self.index["fact"]) if fact in facts]
+
+    def select(self, rows: list[int]) -> _Batch:
+        """The batch of ``rows`` only (every row of a fact, as :meth:`rows_of` gives them);
+        facts keep their numbers."""
+        new = {old: i for i, old in enumerate(rows)}
+        index = self.index
+        targets = [k for k, row in enumerate(index["tgt_row"]) if row in new]
+        kl = [k for k, row in enumerate(index["kl_rows"]) if row in new]
+        picked = {
+            "fact": [index["fact"][row] for row in rows],
+            "tgt_row": [new[index["tgt_row"][k]] for k in targets],
+            **{name: [index[name][k] for k in targets] for name in ("tgt_col", "tgt_id", "tgt_fact", "tgt_weight")},
+            "kl_rows": [new[index["kl_rows"][k]] for k in kl],
+            "kl_fact": [index["kl_fact"][k] for k in kl],
+        }
+        at = torch.tensor(rows, device=self.suffix_ids.device)
+        return _Batch(self.prefix_ids[at], self.prefix_pos[at], self.suffix_ids[at], self.suffix_pos[at],
+                      self.mask[at], picked)
 
 
 def _build(loaded: LoadedModel, requests: list[EditRequest], templates: list[str]) -> _Batch:
@@ -150,7 +179,7 @@ def _build(loaded: LoadedModel, requests: list[EditRequest], templates: list[str
         return torch.tensor(values, dtype=torch.long, device=loaded.device).reshape(len(rows), -1)
 
     index = {"fact": fact, "tgt_row": t_row, "tgt_col": t_col, "tgt_id": t_id, "tgt_fact": t_fact,
-             "tgt_weight": t_w, "kl_rows": kl_rows}
+             "tgt_weight": t_w, "kl_rows": kl_rows, "kl_fact": list(range(len(requests)))}
     return _Batch(t(prefix), t(prefix_pos), t(suffix), t(suffix_pos), t(mask), index)
 
 
@@ -218,7 +247,8 @@ def _bf16_matrices(modules: list[torch.nn.Module]) -> Iterator[None]:
 
 def _losses(loaded: LoadedModel, batch: _Batch, n: int, cache, kl_init: torch.Tensor | None):
     """Per-fact target NLL, KL(now ‖ init) and how many target tokens are not yet the most
-    probable one (over all the fact's prompts), plus the current KL log-probs."""
+    probable one (over all the fact's prompts), plus the current KL log-probs. One entry
+    for each of the ``n`` facts; zero for a fact without rows in ``batch``."""
     adapter = loaded.adapter
     past = copy.deepcopy(cache) if cache is not None else None  # each step extends its own copy
     hidden, _ = adapter.run_body(batch.suffix_ids, batch.mask, batch.suffix_pos, past)
@@ -232,7 +262,9 @@ def _losses(loaded: LoadedModel, batch: _Batch, n: int, cache, kl_init: torch.Te
     kl_logp = adapter.logits(hidden[at_hidden.kl_rows, 0]).float().log_softmax(-1)
     if kl_init is None:
         return nll, torch.zeros_like(nll), misses, kl_logp
-    kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)
+    kl_fact = batch.on(kl_logp.device).kl_fact
+    kl_each = (kl_logp.exp() * (kl_logp - kl_init[kl_fact])).sum(-1)
+    kl = torch.zeros_like(nll).index_add(0, kl_fact.to(nll.device), kl_each.to(nll.dtype))
     return nll, kl, misses, kl_logp
 
 
@@ -316,47 +348,63 @@ def _optimise(
             with capture_output(adapter.layers[max(upto - 1, 0)]) as low:
                 nll0, _, _, kl_init = _losses(loaded, batch, n, cache, None)
             require_finite(nll0, "the target loss")
-        replay = reuse_lower_layers(adapter.layers, upto, low[0]) if upto > 0 else nullcontext()
-        return _steps(loaded, batch, module, replay, cache, v_init, nll0, kl_init, config, on_step)
+        return _steps(loaded, batch, module, upto, low[0] if upto > 0 else None, cache, v_init, nll0, kl_init,
+                      config, on_step)
 
 
-def _steps(loaded: LoadedModel, batch: _Batch, module: torch.nn.Module, replay, cache, v_init: torch.Tensor,
-           nll0: torch.Tensor, kl_init: torch.Tensor, config: ValueConfig,
+def _steps(loaded: LoadedModel, batch: _Batch, module: torch.nn.Module, upto: int, low, cache,
+           v_init: torch.Tensor, nll0: torch.Tensor, kl_init: torch.Tensor, config: ValueConfig,
            on_step: StepCallback | None = None) -> ValueResult:
-    """Adam on δ (one row per fact) with per-fact early stop and norm clamp."""
+    """Adam on δ (one row per fact) with per-fact early stop and norm clamp. ``low``: the
+    output of the layer below ``upto`` (replayed every step; None when ``upto`` is 0).
+
+    A stopped fact's δ is frozen, and no other fact's δ reaches its rows, so its losses
+    are final: once they are half the batch or more, the steps go on without its rows."""
     n = len(v_init)
     delta = torch.zeros_like(v_init, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=config.lr)
     max_norm = config.clamp * v_init.norm(dim=1)
     active = torch.ones(n, dtype=torch.bool, device=delta.device)
-    fact = batch.on(delta.device).fact  # δ is added where the insertion module runs
-    rows = torch.arange(len(fact), device=delta.device)
+    final_nll = nll0.detach().to(delta.device)
+    final_loss = torch.zeros_like(final_nll)
     debug = log.isEnabledFor(logging.DEBUG)  # reading the losses back waits for the device
-    with replay, add_at_positions(module, rows, torch.zeros_like(rows), lambda: delta[fact]):
-        for steps in range(config.steps + 1):  # the last pass only scores the final δ
-            nll, kl, misses, _ = _losses(loaded, batch, n, cache, kl_init)
-            decay = config.weight_decay * delta.norm(dim=1) / v_init.norm(dim=1) ** 2
-            loss = (nll + config.kl_factor * kl).to(delta.device) + decay
-            active &= loss.detach() >= config.stop_loss
-            if config.early_stop == "most_probable":  # ENCORE's MPES: the target leads on every prompt
-                active &= misses.to(delta.device) > 0
-            if debug:
-                log.debug("step %d loss %s", steps, loss.detach().tolist())
-            optimising = int(active.sum())  # the one read-back a step needs
-            if on_step is not None:
-                on_step(steps, config.steps, optimising)
-            if steps == config.steps or not optimising:
-                break
-            frozen = delta.detach().clone()
-            optimizer.zero_grad()
-            # Masks by multiplying, not indexing: the same gradients, no wait for the device.
-            (loss * active).sum().backward()
-            optimizer.step()
-            with torch.no_grad():
-                delta.copy_(torch.where(active[:, None], delta, frozen))
-                scale = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
-                delta.mul_(scale[:, None])
-    here = delta.device  # every result on the device of the insertion module
-    return ValueResult(v_init + delta.detach(), v_init, nll0.detach().to(here), nll.detach().to(here),
-                       loss.detach(), steps)
-
+    step = 0
+    while True:  # one round per set of rows
+        fact = batch.on(delta.device).fact  # δ is added where the insertion module runs
+        rows = torch.arange(len(fact), device=delta.device)
+        present = torch.zeros(n, dtype=torch.bool, device=delta.device).index_fill(0, fact, True)
+        replay = reuse_lower_layers(loaded.adapter.layers, upto, low) if low is not None else nullcontext()
+        with replay, add_at_positions(module, rows, torch.zeros_like(rows), lambda fact=fact: delta[fact]):
+            while True:  # the last pass only scores the final δ
+                nll, kl, misses, _ = _losses(loaded, batch, n, cache, kl_init)
+                decay = config.weight_decay * delta.norm(dim=1) / v_init.norm(dim=1) ** 2
+                loss = (nll + config.kl_factor * kl).to(delta.device) + decay
+                final_nll = torch.where(present, nll.detach().to(delta.device), final_nll)
+                final_loss = torch.where(present, loss.detach(), final_loss)
+                active &= loss.detach() >= config.stop_loss
+                if config.early_stop == "most_probable":  # ENCORE's MPES: the target leads on every prompt
+                    active &= misses.to(delta.device) > 0
+                if debug:
+                    log.debug("step %d loss %s", step, loss.detach().tolist())
+                optimising = int(active.sum())  # the one read-back a step needs
+                if on_step is not None:
+                    on_step(step, config.steps, optimising)
+                if step == config.steps or not optimising:
+                    return ValueResult(v_init + delta.detach(), v_init, nll0.detach().to(delta.device), final_nll,
+                                       final_loss, step)
+                frozen = delta.detach().clone()
+                optimizer.zero_grad()
+                # Masks by multiplying, not indexing: the same gradients, no wait for the device.
+                (loss * active).sum().backward()
+                optimizer.step()
+                with torch.no_grad():
+                    delta.copy_(torch.where(active[:, None], delta, frozen))
+                    scale = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+                    delta.mul_(scale[:, None])
+                step += 1
+                if 2 * optimising <= len(batch.facts):
+                    break
+        kept = batch.rows_of(set(active.nonzero()[:, 0].tolist()))
+        batch = batch.select(kept)
+        cache = loaded.adapter.select_cache_rows(cache, kept) if cache is not None else None
+        low = select_rows(low, kept) if low is not None else None

@@ -150,3 +150,24 @@ def test_editor_covariance_is_the_cached_c0(tokenizers, isolated_cache, corpus_f
     assert editor.covariance(1, hp) is cov  # computed once per editor
     with pytest.raises(EditError, match="out of range"):
         editor.covariance(99, hp)
+
+
+@pytest.mark.parametrize("family, site, layer", [("qwen2", "residual", 1), ("gpt2", "mlp", 0)])
+def test_a_pass_drops_the_rows_of_stopped_facts_without_changing_any_result(tokenizers, family, site, layer):
+    """Early stop ends facts at different steps (here: a loss the random model's facts
+    reach one after another); once half have stopped the pass goes on with the others'
+    rows only (prefix cache, replayed lower layers and KL reference cut to match). Every
+    fact's v* and losses equal those of its own pass."""
+    loaded = tiny(family, tokenizers)
+    facts = [*FACTS, EditRequest("{} works as a", "Danielle Darrieux", "banker", "actress"),
+             EditRequest("{} is located in", "Berlin", "Asia", "Europe"),
+             EditRequest("{} was born in", "Miles Davis", "Tokyo", "Alton")]
+    config = ValueConfig(steps=20, lr=0.5, clamp=100.0, weight_decay=0.0, stop_loss=5.6)
+    counts: list[int] = []
+    together = compute_values(loaded, facts, TEMPLATES, layer, site, config,
+                              on_step=lambda step, steps, optimising: counts.append(optimising))
+    assert any(2 * k <= len(facts) for k in counts[:-1]) and counts[-1] < counts[0]  # the pass shrank, went on
+    alone = [compute_values(loaded, [fact], TEMPLATES, layer, site, config) for fact in facts]
+    for name in ("values", "nll_after", "loss_after", "loss_before"):
+        assert torch.allclose(getattr(together, name), torch.cat([getattr(a, name) for a in alone]), atol=1e-4), name
+    assert together.steps == max(a.steps for a in alone)
