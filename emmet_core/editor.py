@@ -308,6 +308,32 @@ class Editor:
         cached_values(self.loaded, batch, self._context_templates(hparams, _Timer()), layer, site, hparams.values,
                       progress=progress)
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """What is needed to go on editing from here in another process (a lifelong run
+        that resumes): the weights of every edited layer as stored (``weight.L``) and the
+        keys of every edit held, per layer (``keys.L``, AlphaEdit's K_p). CPU tensors, for
+        :func:`safetensors.torch.save_file`."""
+        tensors = {f"weight.{layer}": self.adapter.weight(layer).detach().cpu().contiguous()
+                   for layer in self.ledger.layers}
+        for layer in self.ledger.layers:
+            keys = [u.keys for r in self.history for u in r.updates if u.layer == layer]
+            if keys:
+                tensors[f"keys.{layer}"] = torch.cat(keys, dim=1).contiguous()
+        return tensors
+
+    def restore(self, tensors: dict[str, torch.Tensor], hparams: HParams) -> EditResult:
+        """Go on from a :meth:`snapshot` taken on this model's original weights: the weights
+        are set bit for bit, and the history becomes one edit that holds the saved keys
+        (``hparams``: the settings the saved edits were made with). Unedited model only."""
+        weights = {int(name.split(".")[1]): t for name, t in tensors.items() if name.startswith("weight.")}
+        deltas = {d.layer: d for d in self.ledger.adopt(weights)}
+        result = EditResult(hparams.algorithm, hparams, [], value_cache="off")
+        for layer, delta in deltas.items():
+            keys = tensors.get(f"keys.{layer}", torch.zeros(self.adapter.key_size(layer), 0))
+            result.updates.append(LayerUpdate(layer, keys, torch.zeros(0, keys.shape[1]), delta))
+        self.history = [result]
+        return result
+
     def undo(self) -> EditResult:
         """Revert the last ``apply`` exactly."""
         if not self.history:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import ModelAdapter
-from .errors import NumericalError, require_finite
+from .errors import EditError, NumericalError, require_finite
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,6 +82,35 @@ class Ledger:
     @property
     def is_original(self) -> bool:
         return not self._applied
+
+    @property
+    def layers(self) -> list[int]:
+        """Every layer a delta has touched (whose original is kept)."""
+        return sorted(self._original)
+
+    def adopt(self, weights: dict[int, torch.Tensor]) -> list[Delta]:
+        """Take ``weights`` (layer -> the weight as stored, e.g. a saved lifelong run) as the
+        weights of this still unedited model, set bit for bit. The ledger then holds one
+        delta per layer, W − W₀ in the weight's dtype: the originals come back exactly, but
+        original + that delta may differ from ``weights`` in the last bit."""
+        if self._applied:
+            raise EditError("the weights hold edits already: adopt saved weights on the unedited model only")
+        for layer, weight in weights.items():
+            current = self.adapter.weight(layer)
+            if weight.shape != current.shape or weight.dtype != current.dtype:
+                raise EditError(f"saved weights of layer {layer} are {tuple(weight.shape)} {weight.dtype}, the "
+                                f"model's {tuple(current.shape)} {current.dtype}")
+            require_finite(weight, f"the saved weights of layer {layer}")
+        self.keep(weights)
+        deltas = []
+        with torch.no_grad():
+            for layer, weight in sorted(weights.items()):
+                current = self.adapter.weight(layer)
+                change = weight.to(current.device) - current
+                deltas.append(Delta(layer, change.detach().cpu(), self.adapter.transposed(layer)))
+                current.copy_(weight)
+        self._applied = deltas
+        return deltas
 
     def drift(self, layer: int) -> torch.Tensor | None:
         """W − W₀ of ``layer`` as a (d, d_k) float64 matrix: how far the weights are now from

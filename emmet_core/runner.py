@@ -1,7 +1,8 @@
 """The evaluation runner behind ``emmet eval``: chunks of B records, each applied as one
 batch (ROME: fact by fact), evaluated before and after, then restored (never restored
 with ``sequential``). One JSON line per record in ``records.jsonl``; an interrupted run
-resumes from it. ``summary.json`` holds the averages and everything needed to
+resumes from it (a sequential one from the edited weights saved after each chunk in
+``state.safetensors``, else by redoing the finished edits). ``summary.json`` holds the averages and everything needed to
 reproduce them (model fingerprint, hyper-parameters, seed, versions); until the run is
 complete, ``progress.json`` holds the same for the records done so far.
 """
@@ -9,6 +10,7 @@ complete, ``progress.json`` holds the same for the records done so far.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,11 +28,14 @@ from .metrics import mean_delta_norm
 from .models import cache_dir
 from .provenance import versions
 
+log = logging.getLogger(__name__)
+
 # Small chunks (ROME's single facts above all) would run the value optimisation on a
 # handful of prompts per pass; instead v* of the next WARM_AHEAD records (or of the next
 # chunk, if larger) are optimised together and cached, which is exact because a fact's v*
 # ignores the rest of its batch. It also gives the value phase a progress bar of its own.
 WARM_AHEAD = 64
+STATE_FILE = "state.safetensors"  # a sequential run's edited weights after its last chunk
 
 
 @dataclass
@@ -80,7 +85,10 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
     editor.check(hp, [r.request for r in dataset.records], batch_size=config.batch_size)
     records_path.write_text("".join(json.dumps(line) + "\n" for line in done), encoding="utf-8")
     chunks = [dataset.records[i : i + config.batch_size] for i in range(0, len(dataset.records), config.batch_size)]
+    state_path = out / STATE_FILE
     curves = _Curves(out, editor, dataset, config, hp, heldout or [], len(done)) if config.checkpoint_every else None
+    # After the curves took their reference from the original weights:
+    restored = _restore(editor, state_path, key, len(done), hp) if config.sequential and done else 0
     started = time.perf_counter()
     software = versions()  # read once: the code that runs, even if the checkout changes meanwhile
     prior = _prior_seconds(out) if done else 0.0  # time spent before an interruption
@@ -90,7 +98,7 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
         for index, chunk in enumerate(chunks):
             first = index * config.batch_size
             if first + len(chunk) <= len(done):
-                if config.sequential:  # replay the edits of finished chunks, without scoring
+                if config.sequential and first >= restored:  # replay finished edits the state lacks, unscored
                     _apply(editor, chunk, hp, config)
                 continue
             if not config.sequential and first >= warmed:
@@ -110,7 +118,9 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
                 handle.write(json.dumps(line) + "\n")
                 done.append(line)
             handle.flush()
-            if not config.sequential:
+            if config.sequential:
+                _save_state(editor, state_path, key, len(done))
+            else:
                 editor.reset()
             if curves is not None:
                 curves.after(len(done), post, prior + time.perf_counter() - started)
@@ -120,6 +130,36 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
                                prior + time.perf_counter() - started, software, complete=False)
     return _write_summary(out, editor, dataset, config, hp, done, model_name, prior + time.perf_counter() - started,
                           software, complete=True)
+
+
+def _save_state(editor: Editor, path: Path, key: dict, records: int) -> None:
+    """The edited weights after ``records`` records, so that a resume starts from here
+    instead of redoing every edit (written whole, then renamed: never half a file)."""
+    from safetensors.torch import save_file
+
+    partial = path.with_suffix(".partial")
+    save_file(editor.snapshot(), partial, metadata={"records": str(records), "config": digest(key)})
+    partial.replace(path)
+
+
+def _restore(editor: Editor, path: Path, key: dict, done: int, hp) -> int:
+    """Put the edits of a sequential run back from its saved state; returns how many
+    records it covers (0: none usable, every finished chunk is replayed instead)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(path, "pt") as handle:
+            meta = handle.metadata() or {}
+        records = int(meta.get("records", -1))
+        if meta.get("config") != digest(key) or not 0 < records <= done:
+            return 0
+        editor.restore(load_file(path), hp)
+    except (OSError, ValueError, SafetensorError, EditError) as exc:  # missing, torn or not this run's: replay
+        if path.exists():
+            log.warning("not resuming from %s (%s): replaying the finished edits", path, exc)
+        return 0
+    return records
 
 
 class _Curves:

@@ -95,3 +95,30 @@ def test_a_rome_chunk_reports_the_norm_of_all_its_facts(tokenizers, isolated_cac
     both = [again.apply([r], hparams=hp, refuse_current=False) for r in (DARRIEUX, BERLIN)]
     assert line["delta_norms"]["2"] == pytest.approx(combined_norms(both)[2], rel=1e-5)
     assert line["delta_norms"]["2"] != pytest.approx(both[-1].norms[2], rel=1e-3)  # not just the last fact's
+
+
+def test_saved_weights_are_adopted_exactly_and_only_by_an_unedited_model(tokenizers, isolated_cache, corpus_file):
+    """A snapshot taken after edits, restored into a fresh copy of the model: the same
+    weights bit for bit, the same keys for AlphaEdit; undo gives the originals back."""
+    from emmet_core.errors import EditError
+
+    editor = Editor(tiny("gpt2", tokenizers))
+    hp = tiny_hparams(editor, "alphaedit", corpus_file)
+    editor.apply([DARRIEUX], hparams=hp)
+    editor.apply([BERLIN], hparams=hp)
+    snapshot = editor.snapshot()
+    assert set(snapshot) == {f"{kind}.{layer}" for kind in ("weight", "keys") for layer in hp.layers}
+    fresh = Editor(tiny("gpt2", tokenizers))
+    original = weights_of(fresh.loaded.model)
+    fresh.restore(snapshot, hp)
+    assert same_weights(fresh.loaded.model, weights_of(editor.loaded.model))
+    assert torch.equal(fresh.snapshot()[f"keys.{hp.layers[0]}"], snapshot[f"keys.{hp.layers[0]}"])
+    with pytest.raises(EditError, match="unedited model only"):
+        fresh.restore(snapshot, hp)
+    fresh.undo()
+    assert same_weights(fresh.loaded.model, original) and fresh.ledger.is_original
+    other = Editor(tiny("gpt2", tokenizers))
+    wrong = {name: t[:-1] if name.startswith("weight.") else t for name, t in snapshot.items()}
+    with pytest.raises(EditError, match="saved weights of layer"):
+        other.restore(wrong, hp)
+    assert same_weights(other.loaded.model, original)

@@ -63,6 +63,45 @@ def test_checkpoints_measure_the_run_and_survive_a_resume(algorithm, tokenizers,
     assert again["n"] == 6
 
 
+@pytest.mark.parametrize("algorithm", ["alphaedit", "encore", "rome"])
+def test_a_resume_starts_from_the_saved_weights_and_ends_where_an_unbroken_run_does(
+        algorithm, tokenizers, isolated_cache, corpus_file, tmp_path, monkeypatch):
+    """The state saved after each chunk (edited weights; AlphaEdit's keys of earlier edits)
+    lets an interrupted run go on without redoing its edits, to the same records and the
+    same weights bit for bit."""
+    from emmet_core import runner
+
+    overrides = {"layers": [2], "v_num_grad_steps": 4, "context_templates": [[3, 2]],
+                 "stats_corpus": str(corpus_file), "stats_tokens": 500, "nullspace_threshold": 1e6}
+    data = Dataset("tiny", "counterfact", records(FACTS[:6]))
+    config = EvalConfig(algorithm, batch_size=2, sequential=True, gen_tokens=4, overrides=overrides)
+
+    def go(out):
+        editor = Editor(tiny("llama", tokenizers))
+        run_eval(editor, data, config, out, "tiny", progress=False)
+        return (out / "records.jsonl").read_text(), editor.adapter.weight(2).detach().clone()
+
+    unbroken_records, unbroken_weight = go(tmp_path / "unbroken")
+    save, saved = runner._save_state, []
+
+    def interrupted_after_two_chunks(*args):
+        save(*args)
+        saved.append(args[-1])
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "_save_state", interrupted_after_two_chunks)
+    with pytest.raises(KeyboardInterrupt):
+        go(tmp_path / "broken")
+    monkeypatch.setattr(runner, "_save_state", save)
+    applied, apply = [], runner._apply
+    monkeypatch.setattr(runner, "_apply", lambda editor, chunk, *rest: applied.append(len(chunk)) or
+                        apply(editor, chunk, *rest))
+    resumed_records, resumed_weight = go(tmp_path / "broken")
+    assert applied == [2]  # only the third chunk: the first two came back from the saved state
+    assert resumed_records == unbroken_records and torch.equal(resumed_weight, unbroken_weight)
+
+
 def test_checkpoints_need_a_sequential_run(tokenizers, isolated_cache, corpus_file, tmp_path):
     config = EvalConfig("emmet", batch_size=2, checkpoint_every=2,
                         overrides={"stats_corpus": str(corpus_file), "stats_tokens": 500, "layers": [2]})
