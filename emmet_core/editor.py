@@ -206,6 +206,9 @@ class Editor:
             templates = None
         else:
             batch = [request_from(r, f"request {i + 1}") for i, r in enumerate(requests)]
+            if not batch:
+                raise InvalidRequestError("no edit requests given")
+            check_conflicts(batch)  # the cheap refusals before the templates are sampled
             templates = self._context_templates(hp, timer)
             self._fit_context(batch, templates)  # before the model reads any prompt
             with timer.phase("prepare"):
@@ -308,14 +311,14 @@ class Editor:
         cached_values(self.loaded, batch, self._context_templates(hparams, _Timer()), layer, site, hparams.values,
                       progress=progress)
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
+    def snapshot(self, keys: bool = True) -> dict[str, torch.Tensor]:
         """What is needed to go on editing from here in another process (a lifelong run
-        that resumes): the weights of every edited layer as stored (``weight.L``) and the
-        keys of every edit held, per layer (``keys.L``, AlphaEdit's K_p). CPU tensors, for
-        :func:`safetensors.torch.save_file`."""
+        that resumes): the weights of every edited layer as stored (``weight.L``) and, with
+        ``keys``, the keys of every edit held, per layer (``keys.L``: AlphaEdit's K_p, the
+        only solver that reads them). CPU tensors, for :func:`safetensors.torch.save_file`."""
         tensors = {f"weight.{layer}": self.adapter.weight(layer).detach().cpu().contiguous()
                    for layer in self.ledger.layers}
-        for layer in self.ledger.layers:
+        for layer in self.ledger.layers if keys else []:
             keys = [u.keys for r in self.history for u in r.updates if u.layer == layer]
             if keys:
                 tensors[f"keys.{layer}"] = torch.cat(keys, dim=1).contiguous()
@@ -324,7 +327,9 @@ class Editor:
     def restore(self, tensors: dict[str, torch.Tensor], hparams: HParams) -> EditResult:
         """Go on from a :meth:`snapshot` taken on this model's original weights: the weights
         are set bit for bit, and the history becomes one edit that holds the saved keys
-        (``hparams``: the settings the saved edits were made with). Unedited model only."""
+        (``hparams``: the settings the saved edits were made with). Unedited model only.
+        Undoing it gives the originals back exactly; undoing a later edit gives the saved
+        weights back up to the last bit (see :meth:`Ledger.adopt`)."""
         weights = {int(name.split(".")[1]): t for name, t in tensors.items() if name.startswith("weight.")}
         deltas = {d.layer: d for d in self.ledger.adopt(weights)}
         result = EditResult(hparams.algorithm, hparams, [], value_cache="off")

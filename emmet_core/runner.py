@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 # chunk, if larger) are optimised together and cached, which is exact because a fact's v*
 # ignores the rest of its batch. It also gives the value phase a progress bar of its own.
 WARM_AHEAD = 64
-STATE_FILE = "state.safetensors"  # a sequential run's edited weights after its last chunk
+STATE_FILE = "state.safetensors"  # a sequential run's edited weights after a chunk
+STATE_EVERY = 60.0  # seconds between saves of it (ROME's one-fact chunks take a few seconds each)
 
 
 @dataclass
@@ -83,8 +84,10 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
     hp = editor.hparams(config.algorithm, seed=config.seed, **config.overrides)
     # Layers, conflicting facts within a chunk, lengths: refused before any record is scored.
     editor.check(hp, [r.request for r in dataset.records], batch_size=config.batch_size)
-    records_path.write_text("".join(json.dumps(line) + "\n" for line in done), encoding="utf-8")
     chunks = [dataset.records[i : i + config.batch_size] for i in range(0, len(dataset.records), config.batch_size)]
+    if len(done) % config.batch_size and len(done) < len(dataset.records):  # cut inside a chunk: redo all of it
+        done = done[: len(done) - len(done) % config.batch_size]
+    records_path.write_text("".join(json.dumps(line) + "\n" for line in done), encoding="utf-8")
     state_path = out / STATE_FILE
     curves = _Curves(out, editor, dataset, config, hp, heldout or [], len(done)) if config.checkpoint_every else None
     # After the curves took their reference from the original weights:
@@ -93,6 +96,7 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
     software = versions()  # read once: the code that runs, even if the checkout changes meanwhile
     prior = _prior_seconds(out) if done else 0.0  # time spent before an interruption
     warmed = 0  # records whose v* are in the value cache already
+    saved = float("-inf")  # when the state was last saved
     with tqdm(total=len(dataset.records), initial=len(done), unit="rec", desc=f"eval {config.algorithm}",
               file=sys.stderr, disable=not progress) as bar, records_path.open("a", encoding="utf-8") as handle:
         for index, chunk in enumerate(chunks):
@@ -118,10 +122,11 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
                 handle.write(json.dumps(line) + "\n")
                 done.append(line)
             handle.flush()
-            if config.sequential:
-                _save_state(editor, state_path, key, len(done))
-            else:
+            if not config.sequential:
                 editor.reset()
+            elif time.perf_counter() - saved >= STATE_EVERY or len(done) == len(dataset.records):
+                _save_state(editor, state_path, key, len(done), keys=hp.algorithm == "alphaedit")
+                saved = time.perf_counter()
             if curves is not None:
                 curves.after(len(done), post, prior + time.perf_counter() - started)
             bar.update(len(chunk))
@@ -132,14 +137,18 @@ def run_eval(editor: Editor, dataset: Dataset, config: EvalConfig, out: Path, mo
                           software, complete=True)
 
 
-def _save_state(editor: Editor, path: Path, key: dict, records: int) -> None:
-    """The edited weights after ``records`` records, so that a resume starts from here
-    instead of redoing every edit (written whole, then renamed: never half a file)."""
+def _save_state(editor: Editor, path: Path, key: dict, records: int, keys: bool) -> None:
+    """The edited weights after ``records`` records (and the keys of every edit, for
+    AlphaEdit), so that a resume starts from here instead of redoing the edits. Written
+    whole, then renamed: never half a file. A failed write costs only a slower resume."""
     from safetensors.torch import save_file
 
     partial = path.with_suffix(".partial")
-    save_file(editor.snapshot(), partial, metadata={"records": str(records), "config": digest(key)})
-    partial.replace(path)
+    try:
+        save_file(editor.snapshot(keys=keys), partial, metadata={"records": str(records), "config": digest(key)})
+        partial.replace(path)
+    except OSError as exc:
+        log.warning("could not save the run's state to %s (%s); a resume will redo the edits", path, exc)
 
 
 def _restore(editor: Editor, path: Path, key: dict, done: int, hp) -> int:
@@ -153,6 +162,8 @@ def _restore(editor: Editor, path: Path, key: dict, done: int, hp) -> int:
             meta = handle.metadata() or {}
         records = int(meta.get("records", -1))
         if meta.get("config") != digest(key) or not 0 < records <= done:
+            log.warning("not resuming from %s (another run's, or not within records.jsonl): replaying the "
+                        "finished edits", path)
             return 0
         editor.restore(load_file(path), hp)
     except (OSError, ValueError, SafetensorError, EditError) as exc:  # missing, torn or not this run's: replay

@@ -2,7 +2,7 @@
 # The lifelong runs behind results/lifelong.md: smollm2-135m, 2,000 records of
 # counterfact-edit.json applied in sequential batches of 100 (the AlphaEdit protocol),
 # measured every 200 edits; ROME one fact at a time for the first 500, measured every 100.
-# Every run resumes from its folder if interrupted (by replaying its finished batches).
+# Every run resumes from its folder if interrupted (from the weights saved after its last batch).
 # Usage: results/lifelong.sh [DATA]   (DATA defaults to ../shared/data/counterfact/counterfact-edit.json)
 #   ONLY="emmet memit" results/lifelong.sh   runs just those. On the 2-core machine two runs
 #   went side by side with one thread each: ONLY=emmet OMP_NUM_THREADS=1 results/lifelong.sh &

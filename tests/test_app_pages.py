@@ -98,6 +98,22 @@ def test_edit_page_with_memit_and_emmet_and_their_settings(tiny_app, algorithm, 
     assert record.layers == ([1, 2] if algorithm == "memit" else [2])
 
 
+def test_typing_in_a_filled_box_and_leaving_the_page_at_once_keeps_the_text(tiny_app):
+    """The old-object and paraphrase boxes change key with every fill; what was typed into
+    them reaches the other pages (Compare reads it) even when the next run is already
+    another page's, and is still there on the way back."""
+    at = app()
+    labelled(at.text_area, "Paraphrases").set_value("Darrieux grew up speaking")
+    labelled(at.text_input, "Old object").set_value("Klingon")
+    at.switch_page("app_pages/compare.py").run()  # the typing arrives with the page switch
+    assert not at.exception
+    assert at.session_state["paraphrases"] == "Darrieux grew up speaking"
+    assert at.session_state["target_true"] == "Klingon"
+    at.switch_page("app_pages/edit.py").run()
+    assert labelled(at.text_area, "Paraphrases").value == "Darrieux grew up speaking"
+    assert labelled(at.text_input, "Old object").value == "Klingon"
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("prompt", "The mother tongue of Michel Rocard is", "does not occur in prompt"),
     ("target_new", "  ", "target_new is empty"),

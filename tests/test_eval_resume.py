@@ -5,6 +5,7 @@ record is scored."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from conftest import tiny
@@ -54,3 +55,17 @@ def test_bad_layers_are_refused_before_any_record_is_scored(run, tokenizers, tmp
     with pytest.raises(UnsupportedModelError, match="layer 9 is out of range"):
         go(tiny("llama", tokenizers), overrides={"layers": [9]})
     assert not (tmp_path / "out" / "records.jsonl").exists()
+
+
+def test_a_run_cut_inside_a_chunk_redoes_that_chunk_once(run, tokenizers, tmp_path):
+    """An interruption while a chunk's lines were being written leaves part of the chunk:
+    the resume drops it and redoes the whole chunk, so no record is there twice."""
+    go, _ = run
+    loaded = tiny("llama", tokenizers)
+    go(loaded, batch_size=2)
+    path = tmp_path / "out" / "records.jsonl"
+    whole = path.read_text().splitlines()
+    path.write_text(whole[0] + "\n")  # one line of the first chunk of two
+    assert go(loaded, batch_size=2)["n"] == 3
+    again = path.read_text().splitlines()
+    assert [json.loads(line)["case_id"] for line in again] == [0, 1, 2]

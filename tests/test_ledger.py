@@ -108,6 +108,7 @@ def test_saved_weights_are_adopted_exactly_and_only_by_an_unedited_model(tokeniz
     editor.apply([BERLIN], hparams=hp)
     snapshot = editor.snapshot()
     assert set(snapshot) == {f"{kind}.{layer}" for kind in ("weight", "keys") for layer in hp.layers}
+    assert set(editor.snapshot(keys=False)) == {f"weight.{layer}" for layer in hp.layers}
     fresh = Editor(tiny("gpt2", tokenizers))
     original = weights_of(fresh.loaded.model)
     fresh.restore(snapshot, hp)

@@ -84,12 +84,13 @@ def test_a_resume_starts_from_the_saved_weights_and_ends_where_an_unbroken_run_d
     unbroken_records, unbroken_weight = go(tmp_path / "unbroken")
     save, saved = runner._save_state, []
 
-    def interrupted_after_two_chunks(*args):
-        save(*args)
+    def interrupted_after_two_chunks(*args, **kwargs):
+        save(*args, **kwargs)
         saved.append(args[-1])
         if len(saved) == 2:
             raise KeyboardInterrupt
 
+    monkeypatch.setattr(runner, "STATE_EVERY", 0.0)  # after every chunk, however quick
     monkeypatch.setattr(runner, "_save_state", interrupted_after_two_chunks)
     with pytest.raises(KeyboardInterrupt):
         go(tmp_path / "broken")

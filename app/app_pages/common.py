@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 OTHER_MODEL = "Other: a hub id or a local path"
 # The Edit page's fact: other pages read it, so it must outlive the Edit page's widgets.
 FACT_KEYS = ("subject", "prompt", "target_new", "target_true", "paraphrases", "neighbours")
+FILLED = ("target_true", "paraphrases", "neighbours")  # boxes the Edit page fills in (box_key)
 # Every setting a user chooses stays chosen when they visit another page and come back
 # (Streamlit forgets the value of a widget that a run does not draw). Buttons and file
 # uploads are not settings (and their values cannot be set).
@@ -129,6 +130,7 @@ def shared_model(name: str, device_map: str | None = None) -> SharedModel:
 
 def init_state() -> None:
     state = st.session_state
+    sync_filled(state)
     keep_settings(state)  # first: the defaults below are for settings never chosen
     state.setdefault("sessions", {})  # model name -> Session
     allowed = configured_models()
@@ -142,6 +144,34 @@ def init_state() -> None:
     for key in ("subject", "prompt", "target_new"):
         state.setdefault(key, first[key])
     state.setdefault("clear_margin", CLEAR_MARGIN)
+
+
+def box_key(name: str) -> str:
+    """The widget key of a box the Edit page fills in itself (``FILLED``).
+
+    It changes with every fill: a rerun the browser sent before it received the filled-in
+    value carries the box's previous text, which under the old key is dropped instead of
+    overwriting what the page just filled in. The value itself lives under ``name``, where
+    the other pages read it."""
+    return f"{name}#{st.session_state.get('_fills', {}).get(name, 0)}"
+
+
+def fill(name: str, value: str) -> None:
+    state = st.session_state
+    state.pop(box_key(name), None)
+    fills = state.setdefault("_fills", {})
+    fills[name] = fills.get(name, 0) + 1
+    state[name] = state[box_key(name)] = value
+
+
+def sync_filled(state) -> None:
+    """What the user typed into a filled box, under its plain name, at the start of every
+    run: the run that would have copied it may have been cut short by the next one (a
+    page switch), and the other pages read the plain name."""
+    for name in FILLED:
+        key = box_key(name)
+        if key in state:
+            state[name] = state[key]
 
 
 def keep_settings(state) -> None:

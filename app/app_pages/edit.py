@@ -34,25 +34,9 @@ def load_example() -> None:
             state.subject, state.prompt, state.target_new = (example[k] for k in ("subject", "prompt", "target_new"))
 
 
-def box_key(name: str) -> str:
-    """The widget key of a box the page fills in (old object, paraphrases, neighbours).
-
-    It changes with every fill: a rerun the browser sent before it received the filled-in
-    value carries the box's previous text, which under the old key is dropped instead of
-    overwriting what the page just filled in. The value itself lives under ``name``."""
-    return f"{name}#{state.get('_fills', {}).get(name, 0)}"
-
-
-def fill(name: str, value: str) -> None:
-    state.pop(box_key(name), None)
-    fills = state.setdefault("_fills", {})
-    fills[name] = fills.get(name, 0) + 1
-    state[name] = state[box_key(name)] = value
-
-
 def filled_box(widget, label: str, name: str, **kwargs) -> None:
-    """Draw the box of ``name`` and keep ``state[name]`` equal to what it shows."""
-    key = box_key(name)
+    """Draw the box of ``name`` (see :func:`common.box_key`); ``state[name]`` is what it shows."""
+    key = common.box_key(name)
     state.setdefault(key, state.get(name) or "")  # back from another page: Streamlit forgot the widget
     widget(label, key=key, **kwargs)
     state[name] = state[key]
@@ -83,14 +67,14 @@ def prefill(session: Session) -> dict[str, object]:
             except EditError as exc:
                 st.error(f"Reading the model's answer: {exc}")
         if answer_key in answers:
-            fill("target_true", answers[answer_key])
+            common.fill("target_true", answers[answer_key])
             done["_answer_for"] = answer_key
     suggest_key = (request.subject, request.prompt)
     if state.get("_suggested_for") != suggest_key:
         paraphrases, neighbours = common.suggestions(request.subject, request.prompt, state.get("target_true"),
                                                      state.get("target_new"))
-        fill("paraphrases", "\n".join(paraphrases))
-        fill("neighbours", format_neighbours(neighbours))
+        common.fill("paraphrases", "\n".join(paraphrases))
+        common.fill("neighbours", format_neighbours(neighbours))
         done["_suggested_for"] = suggest_key
     return done
 
