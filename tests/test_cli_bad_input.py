@@ -120,7 +120,9 @@ def test_ctrl_c_is_one_line_and_exit_130(files, tmp_path):
     env = {**os.environ, "EMMET_CACHE_DIR": str(tmp_path / "cache")}
     process = subprocess.Popen([sys.executable, "-m", "emmet_core", "stats", "--model", str(files / "model"),
                                 "--device", "cpu", "--layers", "3", "--corpus", str(corpus), "--tokens", "5000000"],
-                               stderr=subprocess.PIPE, text=True, env=env)
+                               stderr=subprocess.PIPE, text=True, env=env,
+                               # as from a terminal: a background job (nohup … &) inherits SIGINT ignored
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     deadline = time.monotonic() + 300  # loading and tokenising take a minute on a busy 2-core machine
     while "covariance" not in seen and time.monotonic() < deadline:  # the work has started
