@@ -57,7 +57,8 @@ def results_table(directories: list[Path]) -> str:
 
 def curves_table(directories: list[Path]) -> str:
     """Lifelong runs at their first and last checkpoint: retention, held-out facts, GE,
-    perplexity and the total drift of the edited matrices."""
+    perplexity and the total drift of the edited matrices (an unedited row once per
+    distinct measurement)."""
     head = ("| run | edits | retention ES | PS | NS | S | held-out kept | GE | perplexity | ‖W − W₀‖ | wall time |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|\n")
 
@@ -71,9 +72,11 @@ def curves_table(directories: list[Path]) -> str:
             drift = sum(v * v for v in line["delta_norms"].values()) ** 0.5
             name = "unedited" if line["edits"] == 0 else f"{summary['algorithm'].upper()} b{summary['batch_size']}"
             scores = " | ".join(number(kept.get(k)) for k in ("ES", "PS", "NS", "S"))
-            rows.append(f"| {name} | {line['edits']} | {scores} | {number(line.get('heldout_kept'))} | "
-                        f"{number(line.get('GE'), 2)} | {number(line.get('perplexity'), 2)} | {number(drift)} | "
-                        f"{_duration(line.get('seconds', 0))} |")
+            row = (f"| {name} | {line['edits']} | {scores} | {number(line.get('heldout_kept'))} | "
+                   f"{number(line.get('GE'), 2)} | {number(line.get('perplexity'), 2)} | {number(drift)} | "
+                   f"{_duration(line.get('seconds', 0))} |")
+            if row not in rows:  # runs on the same model and held-out set share their unedited row
+                rows.append(row)
     return head + "\n".join(rows) + "\n"
 
 

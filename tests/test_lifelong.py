@@ -143,6 +143,7 @@ def test_the_plot_draws_several_lifelong_runs_on_one_figure(tokenizers, isolated
     assert "memit b2" in html and "alphaedit b2" in html and "perplexity" in html
     table = (tmp_path / "fig" / "table.md").read_text()
     assert "| MEMIT b2 | 4 |" in table and "| ALPHAEDIT b2 | 4 |" in table
+    assert table.count("| unedited | 0 |") == 1  # the same model and held-out facts: measured alike
 
 
 def test_an_app_run_streams_two_editors_side_by_side_without_touching_anyone(tokenizers, isolated_cache,
