@@ -113,7 +113,7 @@ CURVE_PANELS = (
     ("retention ES", lambda c: c["retention"].get("ES")),
     ("held-out facts kept", lambda c: c.get("heldout_kept")),
     ("GE (bits)", lambda c: c.get("GE")),
-    ("perplexity", lambda c: c.get("perplexity")),
+    ("perplexity (log scale)", lambda c: c.get("perplexity")),  # a collapse runs into the thousands
     ("‖W − W₀‖ (all layers)", lambda c: sum(v * v for v in c["delta_norms"].values()) ** 0.5),
 )
 
@@ -146,8 +146,10 @@ def plot_curves(directories: list[Path], out: Path) -> list[Path]:
                                      name=label, legendgroup=label, showlegend=index == 0,
                                      line={"color": colours.get(summary["algorithm"])}),
                           row=index // 3 + 1, col=index % 3 + 1)
-    for index in range(len(CURVE_PANELS)):
+    for index, (title, _) in enumerate(CURVE_PANELS):
         fig.update_xaxes(title_text="edits so far", row=index // 3 + 1, col=index % 3 + 1)
+        if "log scale" in title:
+            fig.update_yaxes(type="log", row=index // 3 + 1, col=index % 3 + 1)
     fig.update_layout(title=f"Lifelong editing of {runs[0][0]['model']}", height=700, width=1400,
                       template="plotly_white")
     return _save(fig, out, "curves")
