@@ -27,6 +27,7 @@ from emmet_core import Editor, load_model
 from emmet_core.cli import add_set_argument, parse_sets
 from emmet_core.data import load_dataset
 from emmet_core.provenance import versions
+from emmet_core.values import drops_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-train.json"
@@ -45,10 +46,10 @@ def passes_of(trace: list[tuple[int, int]]) -> list[list[int]]:
 
 def fact_steps(counts: list[int], size: int) -> tuple[int, int]:
     """Fact-steps one pass of ``size`` facts computed with row dropping, and without."""
-    rows, dropped = size, 0
+    rows, dropped = size, 0  # rows: the facts still in the pass
     for optimising in counts:
         dropped += rows
-        if 0 < optimising and 2 * optimising <= rows:
+        if drops_rows(optimising, rows):
             rows = optimising
     return dropped, size * len(counts)
 

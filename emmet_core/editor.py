@@ -205,14 +205,11 @@ class Editor:
             batch = list(requests)
             templates = None
         else:
-            batch = [request_from(r, f"request {i + 1}") for i, r in enumerate(requests)]
-            if not batch:
-                raise InvalidRequestError("no edit requests given")
-            check_conflicts(batch)  # the cheap refusals before the templates are sampled
+            batch = self._requests(requests)  # the cheap refusals before the templates are sampled
             templates = self._context_templates(hp, timer)
             self._fit_context(batch, templates)  # before the model reads any prompt
             with timer.phase("prepare"):
-                batch = self.prepare(batch, refuse_current)
+                batch = self._answered(batch, refuse_current)
         covs = self._covariances(hp, timer)
         templates = templates or self._context_templates(hp, timer)
         cache_ok = cache_values and self.ledger.is_original  # the disk cache holds v* of the original
@@ -267,10 +264,20 @@ class Editor:
     def prepare(self, requests: Iterable[RequestLike], refuse_current: bool = True) -> list[EditRequest]:
         """Validate requests, fill in missing old objects with the model's own answer, and
         refuse targets the model already gives."""
+        return self._answered(self._requests(requests), refuse_current)
+
+    @staticmethod
+    def _requests(requests: Iterable[RequestLike]) -> list[EditRequest]:
+        """Well-formed, at least one, and no two that conflict: checked without the model."""
         batch = [request_from(r, f"request {i + 1}") for i, r in enumerate(requests)]
         if not batch:
             raise InvalidRequestError("no edit requests given")
         check_conflicts(batch)
+        return batch
+
+    def _answered(self, batch: list[EditRequest], refuse_current: bool) -> list[EditRequest]:
+        """``batch`` with missing old objects read off the model; facts it already answers
+        the new way refused (only those without an old object unless ``refuse_current``)."""
         missing = [i for i, r in enumerate(batch) if r.target_true is None]
         if missing:
             answers = greedy_answer(self.loaded, [batch[i].text for i in missing])

@@ -155,17 +155,17 @@ def _restore(editor: Editor, path: Path, key: dict, done: int, hp) -> int:
     """Put the edits of a sequential run back from its saved state; returns how many
     records it covers (0: none usable, every finished chunk is replayed instead)."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     try:
         with safe_open(path, "pt") as handle:
             meta = handle.metadata() or {}
-        records = int(meta.get("records", -1))
-        if meta.get("config") != digest(key) or not 0 < records <= done:
-            log.warning("not resuming from %s (another run's, or not within records.jsonl): replaying the "
-                        "finished edits", path)
-            return 0
-        editor.restore(load_file(path), hp)
+            records = int(meta.get("records", -1))
+            if meta.get("config") != digest(key) or not 0 < records <= done:
+                log.warning("not resuming from %s (another run's, or not within records.jsonl): replaying the "
+                            "finished edits", path)
+                return 0
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        editor.restore(tensors, hp)
     except (OSError, ValueError, SafetensorError, EditError) as exc:  # missing, torn or not this run's: replay
         if path.exists():
             log.warning("not resuming from %s (%s): replaying the finished edits", path, exc)

@@ -352,6 +352,12 @@ def _optimise(
                       config, on_step)
 
 
+def drops_rows(optimising: int, facts: int) -> bool:
+    """Whether a pass of ``facts`` facts goes on with the rows of the ``optimising`` ones
+    only: once the stopped ones are half of it or more."""
+    return 0 < optimising and 2 * optimising <= facts
+
+
 def _steps(loaded: LoadedModel, batch: _Batch, module: torch.nn.Module, upto: int, low, cache,
            v_init: torch.Tensor, nll0: torch.Tensor, kl_init: torch.Tensor, config: ValueConfig,
            on_step: StepCallback | None = None) -> ValueResult:
@@ -402,7 +408,7 @@ def _steps(loaded: LoadedModel, batch: _Batch, module: torch.nn.Module, upto: in
                     scale = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
                     delta.mul_(scale[:, None])
                 step += 1
-                if 2 * optimising <= len(batch.facts):
+                if drops_rows(optimising, len(batch.facts)):
                     break
         kept = batch.rows_of(set(active.nonzero()[:, 0].tolist()))
         batch = batch.select(kept)
