@@ -10,7 +10,7 @@ likely than the true one (mean per-token NLL)? S is their harmonic mean.
     python bench/sweep_layers.py --model smollm2-135m --algo memit --window 4-8 \
         --param mom2_update_weight --values 500,1500,5000,15000 --n 12
 
-Writes bench/results/sweep-<model>-<algo>[-<param>].json.
+Writes bench/results/sweep-<model>-<algo>[-<param>].json, or the file named by --out.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--values", help="comma-separated values of --param")
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--out", help="result file (default bench/results/sweep-MODEL-ALGO[-PARAM].json)")
     args = parser.parse_args()
     loaded = load_model(args.model)
     editor = Editor(loaded)
@@ -89,7 +90,7 @@ def main() -> None:
            "rows": rows, "best": max(rows, key=lambda r: r["S"]),
            "hparams": editor.hparams(args.algo).to_dict(), "versions": versions()}
     suffix = f"-{args.param}" if args.param else ""
-    path = ROOT / "bench" / "results" / f"sweep-{args.model}-{args.algo}{suffix}.json"
+    path = Path(args.out) if args.out else ROOT / "bench" / "results" / f"sweep-{args.model}-{args.algo}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     print(f"best {out['best']}; wrote {path}")
