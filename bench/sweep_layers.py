@@ -74,7 +74,7 @@ def main() -> None:
             request = {"prompt": record["prompt"], "subject": record["subject"],
                        "target_new": record["target_new"], "target_true": record["ground_truth"]}
             start = time.perf_counter()
-            result = editor.apply([request], hparams=hp)
+            result = editor.apply([request], hparams=hp, refuse_current=False)  # every record, as in an evaluation
             times.append(time.perf_counter() - start)
             norms.append(sum(result.norms.values()))
             post.append(scores(loaded, record))
