@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--layers", default="0-14", help="one candidate per layer")
     parser.add_argument("--window", help="fixed layers (e.g. 4-8) when sweeping --param")
     parser.add_argument("--param", help="hyper-parameter to sweep with --window")
-    parser.add_argument("--values", help="comma-separated values of --param")
+    parser.add_argument("--values", help="comma-separated values of --param, or a YAML list")
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--out", help="result file (default bench/results/sweep-MODEL-ALGO[-PARAM].json)")
@@ -63,7 +63,9 @@ def main() -> None:
     rows = []
     if args.param:
         window = parse_layers(args.window) or editor.hparams(args.algo).layers
-        values = [yaml.safe_load(v) for v in args.values.split(",")]  # numbers, or words like most_probable
+        # numbers or words ("most_probable"), or a YAML list for values with commas: '[[[5, 10]], [[10, 10]]]'
+        values = yaml.safe_load(args.values) if args.values.startswith("[") else \
+            [yaml.safe_load(v) for v in args.values.split(",")]
         candidates = [(args.param, v, editor.hparams(args.algo, layers=window, **{args.param: v})) for v in values]
     else:
         candidates = [("layer", layer, editor.hparams(args.algo, layers=(layer,)))
