@@ -53,6 +53,7 @@ class HParams:
     alphaedit_l2: float = 10.0  # AlphaEdit: α of (P (K Kᵀ + K_p K_pᵀ) + α I)
     encore_norm_weight: float = 1.0  # ENCORE: μ of the Frobenius-norm constraint on W − W₀
     value_early_stop: str = "loss"  # or "most_probable" (ENCORE's MPES), for every editor
+    value_stop_patience: int = 0  # most_probable: steps a fact goes on once its targets lead
     rome_variant: str = "rebuilt"  # "rebuilt" (r-ROME, k̄ everywhere) or "original"
     context_templates: tuple[tuple[int, int], ...] = ((10, 5),)  # (tokens, count)
     value_precision: str = "float32"  # "tf32" (CUDA) or "bfloat16" (autocast, ≈2x on AMX CPUs): precision.py
@@ -87,7 +88,7 @@ class HParams:
         return ValueConfig(self.v_num_grad_steps, self.v_lr, self.v_weight_decay,
                            self.clamp_norm_factor, self.kl_factor, seed=self.seed,
                            rows_per_pass=self.value_rows_per_pass, precision=self.value_precision,
-                           early_stop=self.value_early_stop)
+                           early_stop=self.value_early_stop, stop_patience=self.value_stop_patience)
 
     @property
     def stats_settings(self) -> tuple[str, int, str, str]:
@@ -146,6 +147,7 @@ _CHECKS = {
     "nullspace_threshold": (float, lambda v: v > 0), "alphaedit_l2": (float, lambda v: v > 0),
     "encore_norm_weight": (float, lambda v: v >= 0),
     "value_early_stop": (str, lambda v: v in ("loss", "most_probable")),
+    "value_stop_patience": (int, lambda v: v >= 0),
     "rome_variant": (str, lambda v: v in ("rebuilt", "original")),
     "value_precision": (str, lambda v: v in PRECISIONS), "stats_precision": (str, lambda v: v in PRECISIONS),
     "value_rows_per_pass": ((int, type(None)), lambda v: v is None or v >= 1), "seed": (int, lambda v: True),
@@ -157,7 +159,7 @@ _WANTED = {
     "clamp_norm_factor": "a number > 0", "kl_factor": "a number ≥ 0", "mom2_update_weight": "a number ≥ 0",
     "emmet_lambda": "a number ≥ 0", "ridge_single": "true or false", "rome_variant": "rebuilt or original",
     "nullspace_threshold": "a number > 0", "alphaedit_l2": "a number > 0", "encore_norm_weight": "a number ≥ 0",
-    "value_early_stop": "loss or most_probable",
+    "value_early_stop": "loss or most_probable", "value_stop_patience": "a whole number ≥ 0",
     "value_precision": " or ".join(PRECISIONS), "stats_precision": " or ".join(PRECISIONS),
     "value_rows_per_pass": "a whole number ≥ 1 (or unset: sized automatically)", "seed": "a whole number",
     "stats_corpus": "wiki-offline, a file or hf:NAME", "stats_tokens": "a whole number ≥ 1",

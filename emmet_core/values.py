@@ -55,6 +55,9 @@ class ValueConfig:
     # "loss": stop a fact when its loss is below stop_loss; "most_probable" (ENCORE's MPES):
     # also as soon as each of its target tokens is the most probable one on every prompt.
     early_stop: str = "loss"
+    # With "most_probable": steps a fact goes on once its targets lead (0: stop at once).
+    # A few more steps widen the lead, which the paraphrases need.
+    stop_patience: int = 0
 
 
 # The ValueResult fields that hold one row per fact (everything but ``steps``).
@@ -371,6 +374,7 @@ def _steps(loaded: LoadedModel, batch: _Batch, module: torch.nn.Module, upto: in
     optimizer = torch.optim.Adam([delta], lr=config.lr)
     max_norm = config.clamp * v_init.norm(dim=1)
     active = torch.ones(n, dtype=torch.bool, device=delta.device)
+    leading = torch.zeros(n, dtype=torch.long, device=delta.device)  # steps each fact's targets have led in a row
     final_nll = nll0.detach().to(delta.device)
     final_loss = torch.zeros_like(final_nll)
     debug = log.isEnabledFor(logging.DEBUG)  # reading the losses back waits for the device
@@ -389,7 +393,9 @@ def _steps(loaded: LoadedModel, batch: _Batch, module: torch.nn.Module, upto: in
                 final_loss = torch.where(present, loss.detach(), final_loss)
                 active &= loss.detach() >= config.stop_loss
                 if config.early_stop == "most_probable":  # ENCORE's MPES: the target leads on every prompt
-                    active &= misses.to(delta.device) > 0
+                    leads = misses.to(delta.device) == 0
+                    leading = torch.where(leads, leading + 1, 0)
+                    active &= leading <= config.stop_patience
                 if debug:
                     log.debug("step %d loss %s", step, loss.detach().tolist())
                 optimising = int(active.sum())  # the one read-back a step needs

@@ -25,5 +25,5 @@ for clamp in 4.0 0.75; do
   dir="$OUT/rome-n50-ge-clamp$clamp"
   [ -f "$dir/summary.json" ] && { echo "have $dir"; continue; }
   "$EMMET" eval --model smollm2-135m --data "$DATA" --n 50 --generation-every 1 --seed 0 \
-    --algo rome --batch-size 1 --set clamp_norm_factor="$clamp" --out "$dir"
+    --algo rome --batch-size 1 --set clamp_norm_factor="$clamp" --set value_early_stop=loss --out "$dir"
 done

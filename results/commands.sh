@@ -10,10 +10,10 @@ EMMET=${EMMET:-.venv/bin/emmet}
 OUT=results/smollm2-135m
 COMMON=(--model smollm2-135m --data "$DATA" --n 1000 --generation-every 10 --seed 0)
 
-run() {  # algorithm batch-size
+run() {  # algorithm batch-size [more eval options]
   local dir="$OUT/$1-b$2"
   [ -f "$dir/summary.json" ] && { echo "have $dir"; return; }
-  "$EMMET" eval "${COMMON[@]}" --algo "$1" --batch-size "$2" --out "$dir"
+  "$EMMET" eval "${COMMON[@]}" --algo "$1" --batch-size "$2" --out "$dir" "${@:3}"
 }
 
 "$EMMET" stats --model smollm2-135m --layers 2-6  # C0 of every edited layer, cached (~1 min)
@@ -22,7 +22,7 @@ run() {  # algorithm batch-size
 # two runs carry the full cost; the smaller batch sizes reuse the cached v*. ROME's v*
 # live elsewhere (MLP output, larger clamp) and are optimised during its own run.
 run emmet 1000
-run rome 1
+run rome 1 --set value_early_stop=loss  # ROME's preset when these results were made
 run memit 1000
 run memit 1
 for b in 256 64 16 1; do run emmet "$b"; done

@@ -16,11 +16,11 @@ ONLY=${ONLY:-encore alphaedit emmet memit rome}
 COMMON=(--model smollm2-135m --data "$DATA" --sequential --generation-every 10 --seed 0
         --retention 200 --heldout 100 --documents 50)
 
-run() {  # algorithm facts batch-size checkpoint-every
+run() {  # algorithm facts batch-size checkpoint-every [more eval options]
   local dir="$OUT/$1-seq"
   [[ " $ONLY " == *" $1 "* ]] || return 0
   [ -f "$dir/summary.json" ] && { echo "have $dir"; return; }
-  "$EMMET" eval "${COMMON[@]}" --algo "$1" --n "$2" --batch-size "$3" --checkpoint-every "$4" --out "$dir"
+  "$EMMET" eval "${COMMON[@]}" --algo "$1" --n "$2" --batch-size "$3" --checkpoint-every "$4" --out "$dir" "${@:5}"
 }
 
 "$EMMET" stats --model smollm2-135m --layers 2-6  # C0 of every edited layer, cached
@@ -28,5 +28,5 @@ run encore 2000 100 200
 run alphaedit 2000 100 200
 run emmet 2000 100 200
 run memit 2000 100 200
-run rome 500 1 100
+run rome 500 1 100 --set value_early_stop=loss  # ROME's preset when this run was made
 "$EMMET" eval --plot "$OUT"/*-seq --out "$OUT"

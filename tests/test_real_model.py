@@ -154,3 +154,9 @@ def test_most_probable_early_stop_ends_when_the_target_leads_everywhere(smollm):
     assert full.steps == 25 and 0 < early.steps < 25
     assert early.nll_after[0] > full.nll_after[0]  # stopped before driving the loss further down
     assert early.nll_after[0] < 0.7 * early.loss_before[0]  # but after the target took the lead
+    # With patience the fact goes on for that many steps after its target took the lead
+    # (more if the lead is lost in between), widening it.
+    patient = compute_values(smollm, requests, templates, 4, "residual",
+                             ValueConfig(**common, early_stop="most_probable", stop_patience=2))
+    assert early.steps + 2 <= patient.steps < 25
+    assert patient.nll_after[0] < early.nll_after[0]
